@@ -1,0 +1,90 @@
+"""Pickled checkpoints (.ckpt/.pt/.pth/.bin) loaded without executing code.
+
+``torch.load(weights_only=True)`` is torch's restricted unpickler: it rebuilds tensors, containers
+and plain numbers and refuses every other global. Real SD .ckpt files written by PyTorch Lightning
+also carry a ``ModelCheckpoint`` callback object; like A1111's safe unpickler we allow that one name,
+rebuilt as an inert placeholder class that has no methods and runs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .safetensors_io import TensorInfo
+
+
+def _placeholder(module: str, name: str) -> type:
+    cls = type(name, (), {})
+    cls.__module__ = module
+    cls.__qualname__ = name
+    return cls
+
+
+_ALLOWED_EXTRA = [
+    _placeholder("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+]
+
+
+def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint; refuses anything that would run code."""
+    p = Path(path)
+    try:
+        mmap = zipfile.is_zipfile(p)
+        with torch.serialization.safe_globals(_ALLOWED_EXTRA):
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        for line in str(e).splitlines():
+            if "Unsupported global" in line or "GLOBAL" in line:
+                first = line.strip()
+                break
+        raise CheckpointError(
+            f"{p}: refused: this pickle needs code that a weights-only load does not run ({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: not a checkpoint (no state dict of tensors inside)")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{p}: not a checkpoint (no tensors inside)")
+    return tensors
+
+
+class PickleReader:
+    """The same interface as :class:`SafetensorsReader` over a weights-only loaded pickle."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._sd = load_pickled_state_dict(self.path)
+        self.metadata: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, key: str) -> TensorInfo:
+        t = self._sd[key]
+        return TensorInfo(key, t.dtype, tuple(t.shape), -1, t.numel() * t.element_size())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+    def close(self) -> None:
+        self._sd = {}
+
+    def __enter__(self) -> PickleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
