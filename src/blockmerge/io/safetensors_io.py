@@ -151,10 +151,12 @@ class SafetensorsReader:
 
 
 def build_header(
-    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None
+    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None,
+    pad_to: int = 0,
 ) -> tuple[bytes, list[tuple[str, int]]]:
-    """The header bytes (length prefix included, padded to 8 bytes like the official writer) and
-    each tensor's byte size in file order."""
+    """The header bytes (length prefix included, space-padded to a multiple of 8 like the official
+    writer, and at least to ``pad_to`` bytes) and each tensor's byte size in file order."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -169,6 +171,7 @@ def build_header(
         sizes.append((key, nbytes))
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    raw += b" " * max(0, pad_to - 8 - len(raw))
     raw += b" " * (-(len(raw) + 8) % 8)
     return struct.pack("<Q", len(raw)) + raw, sizes
 
@@ -203,11 +206,12 @@ class SafetensorsStreamWriter:
         self._next += 1
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
-        """Replace the metadata after the tensors are written; the new header must have the same length
-        (used to fill in fixed-width hashes computed while the merge ran)."""
-        head, _ = build_header(self._entries, metadata)
+        """Replace the metadata after the tensors are written (used to fill in input hashes computed
+        while the merge ran). The new header may not be longer than the one written; it is padded
+        with spaces, which JSON allows, to the same length."""
+        head, _ = build_header(self._entries, metadata, pad_to=self.header_len)
         if len(head) != self.header_len:
-            raise RuntimeError("metadata rewrite changed the header length")
+            raise RuntimeError("metadata rewrite made the header longer than the space reserved for it")
         pos = self._f.tell()
         self._f.seek(0)
         self._f.write(head)

@@ -1,0 +1,303 @@
+"""The streaming executor: pull each output tensor through a source graph and write it.
+
+Tensors are produced in sorted key order with a small bounded look-ahead on worker threads (file
+reads and torch kernels release the GIL, so reading the next tensor overlaps the arithmetic on
+this one), and written in that same fixed order: the bytes of the output never depend on thread
+timing. Only the tensors in flight are in memory, never a whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import BlockmergeError
+from ..io import SafetensorsStreamWriter, atomic_write, check_output_path, file_hashes
+from .metadata import InputRecord, build_metadata, placeholder_sha
+from .methods import get_method
+from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Source, is_weight
+from .presets import PresetBook, load_presets
+from .weights import BlockWeights, parse_weights
+
+OUT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LOOKAHEAD = 3
+
+
+def output_dtype(name: str) -> torch.dtype:
+    try:
+        return OUT_DTYPES[name]
+    except KeyError:
+        raise BlockmergeError(f"--dtype {name}: choose from {', '.join(OUT_DTYPES)}") from None
+
+
+def output_format(path: Path, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in ("safetensors", "ckpt"):
+            raise BlockmergeError(f"--format {fmt}: choose safetensors or ckpt")
+        return fmt
+    return "ckpt" if path.suffix.lower() in (".ckpt", ".pt", ".pth") else "safetensors"
+
+
+def _cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if is_weight(key, t.dtype) and t.dtype != dtype else t
+
+
+def iter_tensors(source: Source, keys: Sequence[str], threads: int = 2):
+    """Yield ``(key, tensor)`` in ``keys`` order, computing up to LOOKAHEAD tensors ahead."""
+    if threads <= 1:
+        for k in keys:
+            yield k, source.get(k)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blockmerge") as pool:
+        pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
+        it = iter(keys)
+        try:
+            for k in it:
+                pending.append((k, pool.submit(source.get, k)))
+                if len(pending) >= LOOKAHEAD:
+                    key, fut = pending.popleft()
+                    yield key, fut.result()
+            while pending:
+                key, fut = pending.popleft()
+                yield key, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def write_source(
+    source: Source,
+    output: str | os.PathLike[str],
+    *,
+    dtype: str = "fp16",
+    fmt: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    finalize_metadata: Callable[[], Mapping[str, str]] | None = None,
+    progress: bool = False,
+    threads: int = 2,
+) -> int:
+    """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
+
+    ``finalize_metadata``, if given, is called after the tensors are written and must return metadata
+    of exactly the header length of ``metadata`` (fixed-width hashes computed meanwhile).
+    """
+    out = Path(output)
+    out_dt = output_dtype(dtype)
+    keys = sorted(source.keys())
+    entries = []
+    for k in keys:
+        i = source.info(k)
+        entries.append((k, out_dt if is_weight(k, i.dtype) else i.dtype, tuple(i.shape)))
+    total = sum(torch.empty((), dtype=d).element_size() * _numel(s) for _, d, s in entries)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {out.name}",
+        disable=not progress, file=sys.stderr, leave=False,
+    )
+    try:
+        if output_format(out, fmt) == "ckpt":
+            sd: dict[str, torch.Tensor] = {}
+            for k, t in iter_tensors(source, keys, threads):
+                sd[k] = _cast(k, t, out_dt).contiguous()
+                bar.update(sd[k].numel() * sd[k].element_size())
+            with atomic_write(out) as f:
+                torch.save({"state_dict": sd}, f)
+            return total
+        with atomic_write(out) as f:
+            writer = SafetensorsStreamWriter(f, entries, metadata)
+            for k, t in iter_tensors(source, keys, threads):
+                c = _cast(k, t, out_dt)
+                writer.write(k, c)
+                bar.update(c.numel() * c.element_size())
+            writer.finish()
+            if finalize_metadata is not None:
+                writer.rewrite_metadata(finalize_metadata())
+        return total
+    finally:
+        bar.close()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    architecture: str
+    method: str
+    alpha: BlockWeights
+    beta: BlockWeights | None
+    n_tensors: int
+    bytes_written: int
+    report: MergeReport
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _Hasher:
+    """Hashes input files on a background thread while the merge runs (cache hits are instant)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.results: dict[Path, Any] = {}
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, args=(list(paths),), daemon=True)
+        self._t.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            for p in paths:
+                self.results[p] = file_hashes(p)
+        except BaseException as e:  # reported when joined
+            self.error = e
+
+    def join(self) -> dict[Path, Any]:
+        self._t.join()
+        if self.error:
+            raise self.error
+        return self.results
+
+
+def merge(
+    models: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    method: str = "weighted_sum",
+    alpha: str | float | Sequence[float] | BlockWeights | None = None,
+    beta: str | float | Sequence[float] | BlockWeights | None = None,
+    base_alpha: float | None = None,
+    base_beta: float | None = None,
+    dtype: str = "fp16",
+    fmt: str | None = None,
+    overwrite: bool = False,
+    vae: str | os.PathLike[str] | None = None,
+    keep_ema: bool = False,
+    fix_position_ids: bool = False,
+    presets: PresetBook | None = None,
+    progress: bool = False,
+    threads: int = 2,
+) -> MergeResult:
+    """Merge checkpoints block by block and write the result (the library form of ``blockmerge merge``).
+
+    ``models`` are A [, B [, C]]; α is B's share for weighted_sum, the difference's factor for
+    add_difference, and A's factor for scaled_sum (β is B's factor there).
+    """
+    m = get_method(method)
+    paths = [Path(p) for p in models]
+    if not m.min_models <= len(paths) <= m.max_models:
+        want = str(m.min_models) if m.min_models == m.max_models else f"{m.min_models} or {m.max_models}"
+        raise BlockmergeError(f"{m.name} needs {want} models (A B C...), got {len(paths)}")
+    out = Path(output)
+    vae_path = Path(vae) if vae else None
+    check_output_path(out, paths + ([vae_path] if vae_path else []), overwrite)
+    output_dtype(dtype)
+    fmt = output_format(out, fmt)
+    if alpha is None:
+        raise BlockmergeError("--alpha is required")
+    if not m.uses_beta and (beta is not None or base_beta is not None):
+        raise BlockmergeError(f"--beta is only used by scaled_sum, not {m.name}")
+    book = presets if presets is not None else load_presets()
+    with contextlib.ExitStack() as stack:
+        sources: list[FileSource] = []
+        for p in paths:
+            s = FileSource(p, keep_ema=keep_ema)
+            stack.callback(s.close)
+            sources.append(s)
+        arch = sources[0].arch
+        for s in sources[1:]:
+            if s.arch is not arch:
+                raise BlockmergeError(
+                    f"{s.path}: is {s.arch.title} but {sources[0].path} is {arch.title}; "
+                    "models of different architectures cannot be merged"
+                )
+        aw = parse_weights(alpha, arch, arg="--alpha", base=base_alpha, keep_a=m.keep_a_alpha, presets=book)
+        bw = None
+        if m.uses_beta and len(paths) > 1:
+            bw = parse_weights(
+                beta if beta is not None else 0.0, arch, arg="--beta", base=base_beta,
+                keep_a=m.keep_a_beta, presets=book,
+            )
+        node: Source = MergeNode(m, sources, aw, bw, fix_position_ids=fix_position_ids)
+        report = node.report  # type: ignore[attr-defined]
+        vae_src = None
+        if vae_path is not None:
+            from ..io import open_checkpoint
+
+            vae_src = open_checkpoint(vae_path)
+            stack.callback(vae_src.close)
+            node = OverlayNode(node, vae_src)
+        _check_position_ids(sources[0], report, fix_position_ids)
+        if sources[0].dropped_ema:
+            report.warnings.append(f"dropped {sources[0].dropped_ema} model_ema.* tensors (use --keep-ema to keep them)")
+        if report.only_in_others:
+            report.warnings.append(
+                f"{len(report.only_in_others)} tensors exist only in B/C and were left out "
+                f"(e.g. {report.only_in_others[0]})"
+            )
+        roles = "ABC"
+        hash_paths = paths + ([vae_path] if vae_path else [])
+        hasher = _Hasher(hash_paths)
+        record = {
+            "method": m.name,
+            "formula": m.formula,
+            "architecture": arch.name,
+            "alpha": aw.as_dict(),
+            "beta": bw.as_dict() if bw else None,
+            "dtype": dtype,
+            "format": fmt,
+            "options": {"keep_ema": keep_ema, "fix_position_ids": fix_position_ids},
+        }
+
+        def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
+            def rec(index: int, role: str, p: Path, md: Mapping[str, str] | None) -> InputRecord:
+                h = hashes.get(p) if hashes else None
+                if h is None:
+                    return InputRecord(role, p.name, placeholder_sha(index), metadata=md)
+                return InputRecord(role, p.name, h.sha256, h.legacy, md)
+
+            inputs = [rec(i, roles[i], p, sources[i].metadata) for i, p in enumerate(paths)]
+            vrec = rec(len(paths), "VAE", vae_path, None) if vae_path else None
+            return build_metadata(
+                record, inputs, a1111_method=m.a1111_name, multiplier=aw["BASE"], half=dtype == "fp16", vae=vrec
+            )
+
+        placeholder = meta(None)
+        final: dict[str, str] = {}
+
+        def finalize() -> Mapping[str, str]:
+            final.update(meta(hasher.join()))
+            return final
+
+        written = write_source(
+            node, out, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
+            progress=progress, threads=threads,
+        )
+        if not final:
+            final.update(meta(hasher.join()))
+        return MergeResult(out, arch.name, m.name, aw, bw, len(node.keys()), written, report, final)
+
+
+def _check_position_ids(a: FileSource, report: MergeReport, fixing: bool) -> None:
+    for key in a.keys():
+        if key.endswith("embeddings.position_ids"):
+            t = a.get(key)
+            expected = torch.arange(t.shape[-1]).reshape(t.shape)
+            if not torch.equal(t.to(torch.float64), expected.to(torch.float64)):
+                if fixing:
+                    report.warnings.append(f"{key}: broken position_ids reset to 0..{t.shape[-1] - 1}")
+                else:
+                    report.warnings.append(
+                        f"{key}: position_ids are not 0..{t.shape[-1] - 1} (broken model A; --fix-position-ids resets them)"
+                    )

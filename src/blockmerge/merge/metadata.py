@@ -1,0 +1,118 @@
+"""Merge metadata written into safetensors headers.
+
+Two records: A1111's own (``sd_merge_recipe`` and ``sd_merge_models``, as its checkpoint merger
+writes them, so A1111's UI and model sites show where a file came from) and blockmerge's full
+record under ``blockmerge`` (method, every block's α/β, dtype, inputs with hashes, tool version).
+All values are JSON strings, as safetensors metadata must be strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+
+RECORD_KEY = "blockmerge"
+PLACEHOLDER_LEGACY = "0" * 8
+
+
+def placeholder_sha(index: int) -> str:
+    """A distinct stand-in of a sha256's width, so a header written before the hashes are known is
+    at least as long as the final one (equal real hashes only merge entries and shrink it)."""
+    return f"{index + 1:064x}"
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    role: str
+    name: str
+    sha256: str = ""
+    legacy_hash: str = PLACEHOLDER_LEGACY
+    metadata: Mapping[str, str] | None = None
+
+    def as_json(self) -> dict[str, str]:
+        return {"role": self.role, "name": self.name, "sha256": self.sha256, "legacy_hash": self.legacy_hash}
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def build_metadata(
+    record: Mapping[str, Any],
+    inputs: Sequence[InputRecord],
+    *,
+    a1111_method: str,
+    multiplier: float,
+    half: bool,
+    vae: InputRecord | None = None,
+) -> dict[str, str]:
+    """The header metadata for a merge output; deterministic for the same inputs and record."""
+    by_role = {i.role: i for i in inputs}
+
+    def sha(role: str) -> str | None:
+        return by_role[role].sha256 if role in by_role else None
+
+    recipe = {
+        "type": "blockmerge",
+        "primary_model_hash": sha("A"),
+        "secondary_model_hash": sha("B"),
+        "tertiary_model_hash": sha("C"),
+        "interp_method": a1111_method,
+        "multiplier": multiplier,
+        "save_as_half": half,
+        "custom_name": None,
+        "config_source": 0,
+        "bake_in_vae": vae.name if vae else "None",
+        "discard_weights": "",
+        "is_inpainting": False,
+        "is_instruct_pix2pix": False,
+    }
+    models: dict[str, Any] = {}
+    for i in inputs:
+        meta = i.metadata or {}
+        recipe_of_input = meta.get("sd_merge_recipe")
+        models[i.sha256] = {
+            "name": i.name,
+            "legacy_hash": i.legacy_hash,
+            "sd_merge_recipe": json.loads(recipe_of_input) if _is_json(recipe_of_input) else None,
+        }
+        if _is_json(meta.get("sd_merge_models")):
+            nested = json.loads(meta["sd_merge_models"])
+            if isinstance(nested, dict):
+                for k, v in nested.items():
+                    models.setdefault(k, v)
+    full = dict(record)
+    full["inputs"] = [i.as_json() for i in inputs]
+    if vae:
+        full["vae"] = vae.as_json()
+    full["tool"] = "blockmerge"
+    full["version"] = __version__
+    return {
+        "format": "pt",
+        "sd_merge_recipe": _json(recipe),
+        "sd_merge_models": _json(models),
+        RECORD_KEY: _json(full),
+    }
+
+
+def _is_json(text: str | None) -> bool:
+    if not text:
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """blockmerge's own merge record from a file's metadata, if it has one."""
+    raw = metadata.get(RECORD_KEY)
+    if not raw or not _is_json(raw):
+        return None
+    rec = json.loads(raw)
+    return rec if isinstance(rec, dict) else None

@@ -1,0 +1,256 @@
+"""Lazy tensor sources: a checkpoint file, or a merge of other sources.
+
+Every source answers ``keys()``, ``info(key)`` and ``get(key)``. A merge node computes a key only
+when asked, from its operands' same key, so a chain of merges (a recipe) computes each output
+tensor through the whole chain in one pass and holds no intermediate model in memory. Everything
+that can be checked without arithmetic (architectures, shapes, missing keys) is checked when the
+node is built, before any output is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..architectures import EMA_PREFIX, Architecture, detect
+from ..errors import BlockmergeError, CheckpointError
+from ..io import CheckpointReader, open_checkpoint
+from .methods import MergeMethod
+from .weights import BlockWeights
+
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class Info:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class Source(Protocol):
+    name: str
+    arch: Architecture
+
+    def keys(self) -> list[str]: ...
+    def info(self, key: str) -> Info: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+def is_weight(key: str, dtype: torch.dtype) -> bool:
+    """Tensors that are merged: floating point, and not index buffers such as CLIP's position_ids."""
+    return dtype.is_floating_point and not key.endswith("position_ids")
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class FileSource:
+    """A checkpoint file as a source (``model_ema.*`` hidden unless ``keep_ema``)."""
+
+    def __init__(self, path: str | Path, *, name: str | None = None, keep_ema: bool = False) -> None:
+        self.path = Path(path)
+        self.reader: CheckpointReader = open_checkpoint(self.path)
+        self.name = name or self.path.name
+        try:
+            all_keys = self.reader.keys()
+            self.arch = detect(all_keys, str(self.path))
+        except Exception:
+            self.reader.close()
+            raise
+        self._keys = [k for k in all_keys if keep_ema or not k.startswith(EMA_PREFIX)]
+        self.dropped_ema = len(all_keys) - len(self._keys)
+        self.metadata = self.reader.metadata
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, key: str) -> Info:
+        i = self.reader.info(key)
+        return Info(i.dtype, i.shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+@dataclass
+class MergeReport:
+    """What a merge did beyond the arithmetic, for the user to read."""
+
+    only_in_a: int = 0
+    only_in_others: list[str] = field(default_factory=list)
+    partial_channels: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class MergeNode:
+    """``method`` applied per key to ``operands`` with per-block α (and β)."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        operands: Sequence[Source],
+        alpha: BlockWeights,
+        beta: BlockWeights | None = None,
+        *,
+        name: str = "merge",
+        fix_position_ids: bool = False,
+    ) -> None:
+        if not method.min_models <= len(operands) <= method.max_models:
+            want = (
+                str(method.min_models)
+                if method.min_models == method.max_models
+                else f"{method.min_models} or {method.max_models}"
+            )
+            raise BlockmergeError(f"{method.name} needs {want} models, got {len(operands)}")
+        self.method = method
+        self.operands = list(operands)
+        self.arch = operands[0].arch
+        for op in operands[1:]:
+            if op.arch is not self.arch:
+                raise CheckpointError(
+                    f"{op.name}: is {op.arch.title} but {operands[0].name} is {self.arch.title}; "
+                    "models of different architectures cannot be merged"
+                )
+        for w, arg in ((alpha, "alpha"), (beta, "beta")):
+            if w is not None and w.arch != self.arch.name:
+                raise BlockmergeError(f"{arg} weights are for {w.arch}, the models are {self.arch.name}")
+        self.alpha = alpha
+        self.beta = beta
+        self.name = name
+        self.fix_position_ids = fix_position_ids
+        self.report = MergeReport()
+        self._keys = operands[0].keys()
+        self._plan: dict[str, str] = {}
+        self._check()
+
+    def _check(self) -> None:
+        a = self.operands[0]
+        others = self.operands[1:]
+        other_keys = [set(o.keys()) for o in others]
+        a_keys = set(self._keys)
+        extra = sorted(set().union(*other_keys) - a_keys) if other_keys else []
+        self.report.only_in_others = extra
+        for key in self._keys:
+            ia = a.info(key)
+            if not is_weight(key, ia.dtype):
+                self._plan[key] = "copy"
+                continue
+            if not all(key in ks for ks in other_keys):
+                self._plan[key] = "copy"
+                self.report.only_in_a += 1
+                continue
+            shapes = [o.info(key).shape for o in others]
+            if all(s == ia.shape for s in shapes):
+                self._plan[key] = "merge"
+                continue
+            if self._partial_ok(key, ia.shape, shapes):
+                self._plan[key] = "partial"
+                self.report.partial_channels.append(key)
+                continue
+            detail = ", ".join(f"{o.name} {list(s)}" for o, s in zip(others, shapes, strict=True))
+            raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}")
+
+    @staticmethod
+    def _partial_ok(key: str, a_shape: tuple[int, ...], shapes: list[tuple[int, ...]]) -> bool:
+        """Inpainting (9-channel) / instruct-pix2pix (8-channel) conv_in with a 4-channel model: A1111
+        merges the shared 4 input channels and keeps the rest from A (A must be the wider model)."""
+        if not key.endswith("input_blocks.0.0.weight") or len(a_shape) != 4:
+            return False
+        for s in shapes:
+            if len(s) != 4 or s[0] != a_shape[0] or s[2:] != a_shape[2:]:
+                return False
+            if s[1] > a_shape[1]:
+                raise CheckpointError(
+                    f"{key}: the inpainting/instruct-pix2pix model ({s[1]} input channels) must be model A "
+                    f"(A has {a_shape[1]})"
+                )
+        return True
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, key: str) -> Info:
+        i = self.operands[0].info(key)
+        if self._plan[key] == "copy":
+            return i
+        return Info(compute_dtype(*(o.info(key).dtype for o in self.operands)), i.shape)
+
+    def weights_for(self, key: str) -> tuple[float, float]:
+        block = self.arch.block_of(key)
+        alpha = self.alpha[block]
+        beta = self.beta[block] if self.beta is not None else self.method.keep_a_beta
+        return alpha, beta
+
+    def get(self, key: str) -> torch.Tensor:
+        plan = self._plan[key]
+        a = self.operands[0]
+        if plan == "copy":
+            if self.fix_position_ids and key.endswith("embeddings.position_ids"):
+                i = a.info(key)
+                return torch.arange(i.shape[-1], dtype=torch.int64).reshape(i.shape)
+            return a.get(key)
+        alpha, beta = self.weights_for(key)
+        if self.method.is_identity(alpha, beta, len(self.operands)):
+            return a.get(key)
+        ct = self.info(key).dtype
+        tensors = [o.get(key).to(ct) for o in self.operands]
+        if plan == "partial":
+            n = min(t.shape[1] for t in tensors[1:])
+            out = tensors[0].clone()
+            out[:, :n] = self.method.fn([t[:, :n] for t in tensors], alpha, beta)
+            return out
+        return self.method.fn(tensors, alpha, beta)
+
+
+class OverlayNode:
+    """A VAE (or any component) baked over a source: keys under ``prefix`` come from ``overlay``."""
+
+    def __init__(self, base: Source, overlay: FileSource | CheckpointReader, prefix: str = VAE_PREFIX) -> None:
+        self.base = base
+        self.arch = base.arch
+        self.name = base.name
+        self.prefix = prefix
+        self.overlay = overlay
+        okeys = overlay.keys()
+        has_prefix = any(k.startswith(prefix) for k in okeys)
+        self._map: dict[str, str] = {}
+        for k in okeys:
+            if has_prefix:
+                if k.startswith(prefix):
+                    self._map[k] = k
+            elif not k.startswith(("model.", "cond_stage_model.", "conditioner.", "model_ema.")):
+                self._map[prefix + k] = k
+        src = getattr(overlay, "path", "VAE")
+        if not self._map:
+            raise CheckpointError(f"{src}: no VAE tensors found (expected encoder.*/decoder.* keys)")
+        base_keys = set(base.keys())
+        for out_key, k in self._map.items():
+            if out_key in base_keys:
+                want = base.info(out_key).shape
+                got = tuple(overlay.info(k).shape)
+                if want != got:
+                    raise CheckpointError(f"{src}: {k}: shape {list(got)} does not fit the model's {list(want)}")
+        self._keys = base.keys() + sorted(k for k in self._map if k not in base_keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, key: str) -> Info:
+        if key in self._map:
+            i = self.overlay.info(self._map[key])
+            return Info(i.dtype, tuple(i.shape))
+        return self.base.info(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._map:
+            return self.overlay.get(self._map[key])
+        return self.base.get(key)
+

@@ -1,0 +1,86 @@
+"""Block-weight presets: the Merge Block Weighted extension's set, plus user preset files.
+
+A preset file is the extension's own format: one preset per line, ``NAME<TAB>v1,v2,...`` (a header
+line ``preset_name<TAB>preset_weights`` and ``#`` comments are skipped). A preset with 25 values is
+for SD1/SD2, one with 19 is for SDXL; 26 (20) values carry BASE first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..errors import WeightSpecError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    values: tuple[float, ...]
+    source: str
+
+
+@dataclass
+class PresetBook:
+    presets: dict[str, Preset] = field(default_factory=dict)
+
+    def get(self, name: str) -> Preset | None:
+        return self.presets.get(name.upper())
+
+    def add_text(self, text: str, source: str) -> None:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            parts = s.split(None, 1) if "\t" not in s else s.split("\t", 1)
+            if len(parts) != 2:
+                raise WeightSpecError(f"{source}:{lineno}: expected 'NAME<TAB>v1,v2,...'")
+            name, vals = parts[0].strip(), parts[1].strip()
+            if name.lower() == "preset_name":
+                continue
+            try:
+                values = tuple(float(v) for v in vals.replace(" ", "").split(","))
+            except ValueError:
+                raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be numbers") from None
+            if not all(math.isfinite(v) for v in values):
+                raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be finite")
+            if len(values) not in (19, 20, 25, 26):
+                raise WeightSpecError(
+                    f"{source}:{lineno}: preset {name} has {len(values)} values (need 25/26 for SD1/SD2, 19/20 for SDXL)"
+                )
+            self.presets[name.upper()] = Preset(name, values, source)
+
+    def add_file(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise WeightSpecError(f"--presets {p}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise WeightSpecError(f"--presets {p}: not a text file") from None
+        self.add_text(text, str(p))
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.presets.values()]
+
+
+def builtin_presets() -> PresetBook:
+    book = PresetBook()
+    text = resources.files("blockmerge").joinpath("data/mbw-presets.tsv").read_text(encoding="utf-8")
+    book.add_text(text, "built-in presets")
+    return book
+
+
+def load_presets(extra_files: Iterable[str | os.PathLike[str]] = ()) -> PresetBook:
+    """Built-in presets, then files from ``$BLOCKMERGE_PRESETS`` (os.pathsep-separated), then ``extra_files``;
+    a later definition of a name replaces an earlier one."""
+    book = builtin_presets()
+    env = os.environ.get("BLOCKMERGE_PRESETS")
+    files: list[str | os.PathLike[str]] = [f for f in env.split(os.pathsep) if f] if env else []
+    for f in [*files, *extra_files]:
+        book.add_file(f)
+    return book
