@@ -16,6 +16,15 @@ from typing import BinaryIO
 from ..errors import BlockmergeError
 
 
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _default_mode()
+
+
 def check_output_path(output: Path, inputs: list[Path], overwrite: bool, arg: str = "-o/--output") -> None:
     """Refuse an output that is one of the inputs, or that exists without ``overwrite``."""
     out_res = output.resolve()
@@ -41,6 +50,7 @@ def atomic_write(target: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     ok = False
     try:
+        os.fchmod(fd, _MODE)  # mkstemp makes 0600; a finished output gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -1,0 +1,209 @@
+"""merge, blocks, info, hash, presets, synthetic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n:,}"
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..merge import load_presets, merge
+
+    presets = load_presets(args.presets or [])
+    result = merge(
+        args.models,
+        args.output,
+        method=args.method,
+        alpha=args.alpha,
+        beta=args.beta,
+        base_alpha=args.base_alpha,
+        base_beta=args.base_beta,
+        dtype=args.dtype,
+        fmt=args.format,
+        overwrite=args.overwrite,
+        vae=args.vae,
+        keep_ema=args.keep_ema,
+        fix_position_ids=args.fix_position_ids,
+        presets=presets,
+        progress=not args.quiet,
+        threads=args.threads,
+    )
+    for w in result.report.warnings:
+        print(f"blockmerge: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        rep = result.report
+        print(f"wrote {result.output} ({result.architecture}, {result.method}, {args.dtype}, "
+              f"{result.n_tensors} tensors, {result.bytes_written / 2**20:.1f} MiB)")
+        if rep.partial_channels:
+            print(f"merged the shared input channels of {', '.join(rep.partial_channels)}; the rest kept from A")
+    return 0
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from ..inspect import block_table
+
+    arch, rows, comps = block_table(args.model)
+    if args.json:
+        print(json.dumps({"architecture": arch, "blocks": [r.__dict__ for r in rows],
+                          "base_components": [r.__dict__ for r in comps]}, indent=2))
+        return 0
+    print(f"{args.model}: {arch}")
+    print(f"{'block':<8} {'tensors':>8} {'parameters':>15}")
+    for r in rows:
+        print(f"{r.block:<8} {r.tensors:>8} {_fmt_count(r.parameters):>15}")
+    print(f"{'total':<8} {sum(r.tensors for r in rows):>8} {_fmt_count(sum(r.parameters for r in rows)):>15}")
+    for c in comps:
+        print(f"  BASE/{c.block:<5} {c.tensors:>6} {_fmt_count(c.parameters):>15}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..inspect import checkpoint_info
+
+    for path in args.files:
+        info = checkpoint_info(path, hashes=not args.no_hash)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            continue
+        print(f"{info['path']}")
+        print(f"  architecture: {info['architecture']} ({info['title']})")
+        print(f"  format:       {info['format']}, {info['size_bytes'] / 2**20:.1f} MiB, "
+              f"{info['tensors']} tensors, {_fmt_count(info['parameters'])} parameters")
+        dt = ", ".join(f"{k} {v / max(info['parameters'], 1):.0%}" for k, v in info["dtypes"].items())
+        print(f"  dtypes:       {dt}")
+        if info["ema_tensors"]:
+            print(f"  EMA tensors:  {info['ema_tensors']}")
+        if "sha256" in info:
+            print(f"  sha256:       {info['sha256']}")
+            print(f"  model hash:   {info['model_hash']} (legacy {info['legacy_hash']})")
+        rec = info.get("merge_record")
+        if rec:
+            print(f"  merge:        {rec.get('method')} [{rec.get('formula')}] -> {rec.get('dtype')}, "
+                  f"by blockmerge {rec.get('version')}")
+            for i in rec.get("inputs", []):
+                print(f"    {i['role']}: {i['name']}  sha256 {i['sha256'][:10]}  legacy {i['legacy_hash']}")
+            for wname in ("alpha", "beta"):
+                w = rec.get(wname)
+                if w:
+                    print(f"    {wname}: " + ",".join(f"{k}={v:g}" for k, v in w.items()))
+            if rec.get("recipe"):
+                print("    recipe:")
+                for line in str(rec["recipe"]).splitlines():
+                    print(f"      {line}")
+        elif "sd_merge_recipe" in info:
+            print(f"  A1111 merge recipe: {info['sd_merge_recipe']}")
+        for k, v in info.get("metadata", {}).items():
+            print(f"  meta {k}: {v}")
+    return 0
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    from ..io import file_hashes
+
+    if not args.quiet:
+        print(f"{'legacy':<8}  {'short':<10}  {'sha256':<64}  file")
+    for f in args.files:
+        h = file_hashes(f, use_cache=not args.no_cache)
+        print(f"{h.legacy:<8}  {h.short:<10}  {h.sha256}  {f}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ..merge import load_presets
+
+    book = load_presets(args.presets or [])
+    for p in book.presets.values():
+        kind = "SD1/SD2" if len(p.values) in (25, 26) else "SDXL"
+        vals = ",".join(f"{v:g}" for v in p.values)
+        print(f"{p.name:<28} {kind:<7} {vals}")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..architectures.synthetic import write_synthetic
+    from ..io import check_output_path
+
+    out = Path(args.output)
+    check_output_path(out, [], args.overwrite)
+    dt = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=dt)
+    if not args.quiet:
+        print(f"wrote {out} (synthetic {args.size} {args.arch}, seed {args.seed})")
+    return 0
+
+
+def _float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints with a weight per block",
+                       description="Merge 1-3 checkpoints block by block, streaming, into a new file.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="A [B [C]]: checkpoint files (.safetensors/.ckpt)")
+    p.add_argument("-o", "--output", required=True, help="output file (.safetensors, or .ckpt)")
+    p.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "add_difference", "scaled_sum"],
+                   help="weighted_sum: (1-α)A+αB (default); add_difference: A+α(B-C); scaled_sum: αA+βB")
+    p.add_argument("--alpha", required=True, metavar="SPEC",
+                   help="a number, 25 (SDXL 19) values, 26 (20) with BASE first, a preset, or e.g. 'IN04-IN08=0.5'")
+    p.add_argument("--base-alpha", type=_float, metavar="X", help="α for BASE (text encoder, VAE)")
+    p.add_argument("--beta", metavar="SPEC", help="β per block (scaled_sum only)")
+    p.add_argument("--base-beta", type=_float, metavar="Y", help="β for BASE (scaled_sum only)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="output dtype (default fp16)")
+    p.add_argument("--format", choices=["safetensors", "ckpt"], help="output format (default: from the suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--vae", metavar="FILE", help="bake this VAE into the output")
+    p.add_argument("--keep-ema", action="store_true", help="keep model A's model_ema.* tensors (dropped by default)")
+    p.add_argument("--fix-position-ids", action="store_true", help="reset CLIP position_ids to 0..76")
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
+    p.add_argument("--threads", type=int, default=2, help="worker threads for read-ahead (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("blocks", help="tensors and parameters per block of a checkpoint")
+    p.add_argument("model", help="checkpoint file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("info", help="architecture, dtype, size, hashes and merge record of checkpoints")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large files)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("hash", help="A1111 model hashes (legacy 8-hex, sha256 and its 10-hex short form)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--no-cache", action="store_true", help="do not use or update the hash cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no header line")
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("presets", help="list block-weight presets")
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("synthetic", help="write a synthetic checkpoint with a real SD key layout (random weights)")
+    p.add_argument("output", help="output file (.safetensors or .ckpt)")
+    p.add_argument("--arch", default="SD1", choices=["SD1", "SD2", "SDXL"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_synthetic)
+
+

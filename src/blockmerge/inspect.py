@@ -1,0 +1,82 @@
+"""What is in a checkpoint: its blocks, dtypes, size, hashes and merge record (no tensor is read)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .architectures import EMA_PREFIX, detect
+from .io import SafetensorsReader, file_hashes, open_checkpoint
+from .merge.metadata import read_record
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    block: str
+    tensors: int
+    parameters: int
+
+
+def block_table(path: str | os.PathLike[str]) -> tuple[str, list[BlockRow], list[BlockRow]]:
+    """The architecture name, one row per block (BASE first) and one row per component of BASE."""
+    with open_checkpoint(path) as r:
+        keys = [k for k in r.keys() if not k.startswith(EMA_PREFIX)]
+        arch = detect(keys, str(path))
+        counts = {b: [0, 0] for b in arch.all_ids}
+        comps: dict[str, list[int]] = {}
+        for k in keys:
+            n = r.info(k).numel
+            b = arch.block_of(k)
+            counts[b][0] += 1
+            counts[b][1] += n
+            if b == "BASE":
+                c = comps.setdefault(arch.component_of(k), [0, 0])
+                c[0] += 1
+                c[1] += n
+    rows = [BlockRow(b, c[0], c[1]) for b, c in counts.items()]
+    comp_rows = [BlockRow(name, c[0], c[1]) for name, c in comps.items()]
+    return arch.name, rows, comp_rows
+
+
+def checkpoint_info(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, Any]:
+    """A summary of a checkpoint file as plain data (printed by ``blockmerge info``)."""
+    p = Path(path)
+    with open_checkpoint(p) as r:
+        keys = r.keys()
+        arch = detect([k for k in keys if not k.startswith(EMA_PREFIX)], str(p))
+        dtypes: Counter[str] = Counter()
+        params = 0
+        for k in keys:
+            i = r.info(k)
+            dtypes[str(i.dtype).replace("torch.", "")] += i.numel
+            params += i.numel
+        meta = dict(r.metadata)
+        fmt = "safetensors" if isinstance(r, SafetensorsReader) else "pickle"
+    info: dict[str, Any] = {
+        "path": str(p),
+        "architecture": arch.name,
+        "title": arch.title,
+        "format": fmt,
+        "size_bytes": p.stat().st_size,
+        "tensors": len(keys),
+        "parameters": params,
+        "ema_tensors": sum(k.startswith(EMA_PREFIX) for k in keys),
+        "dtypes": dict(dtypes.most_common()),
+    }
+    if hashes:
+        h = file_hashes(p)
+        info["sha256"] = h.sha256
+        info["model_hash"] = h.short
+        info["legacy_hash"] = h.legacy
+    record = read_record(meta)
+    if record is not None:
+        info["merge_record"] = record
+    elif "sd_merge_recipe" in meta:
+        info["sd_merge_recipe"] = meta["sd_merge_recipe"]
+    other = {k: v for k, v in meta.items() if k not in ("blockmerge", "sd_merge_recipe", "sd_merge_models")}
+    if other:
+        info["metadata"] = {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in other.items()}
+    return info
