@@ -1,0 +1,202 @@
+"""A1111 infotext: parse, format byte-identically, PNG chunk, unsupported-field warnings."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from blockmerge.errors import BlockmergeError
+from blockmerge.generation.infotext import (
+    KNOWN_UNSUPPORTED,
+    PNG_TEXT_KEY,
+    Infotext,
+    format_infotext,
+    parse_infotext,
+    png_info,
+    read_png_infotext,
+    unsupported_fields,
+)
+
+# The infotext from the article (shared/seed/000_641b2c3104bd4c59.txt), verbatim.
+ARTICLE = (
+    "masterpiece, best quality, beautiful anime girl, school uniform, strong rim light, intense shadows, "
+    "highly detailed, cinematic lighting, taken by Canon EOS 5D Simga Art Lens 50mm f1.8 ISO 100 Shutter Speed 1000\n"
+    "Negative prompt: lowres, bad anatomy, bad hands, error, missing fingers, cropped, worst quality, "
+    "low quality, normal quality, jpeg artifacts, blurry\n"
+    "Steps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1, Face restoration: CodeFormer, Size: 512x512, "
+    "Model hash: a9263745, Model: sd-v1-5-pruned"
+)
+
+
+def test_article_infotext_fields() -> None:
+    info = parse_infotext(ARTICLE)
+    assert info.prompt.startswith("masterpiece, best quality, beautiful anime girl")
+    assert info.prompt.endswith("Shutter Speed 1000")
+    assert info.negative_prompt == (
+        "lowres, bad anatomy, bad hands, error, missing fingers, cropped, worst quality, "
+        "low quality, normal quality, jpeg artifacts, blurry"
+    )
+    assert list(info.params) == [
+        "Steps", "Sampler", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model",
+    ]
+    assert info.steps == 40
+    assert info.sampler == "Euler a"
+    assert info.cfg_scale == 7.0
+    assert info.seed == 1
+    assert (info.width, info.height) == (512, 512)
+    assert info.clip_skip == 1  # absent means A1111's default
+    assert info.model_hash == "a9263745"
+    assert info.model == "sd-v1-5-pruned"
+    assert info.params["Face restoration"] == "CodeFormer"
+
+
+def test_article_infotext_formats_back_byte_identical() -> None:
+    assert format_infotext(parse_infotext(ARTICLE)) == ARTICLE
+
+
+def test_article_text_is_in_the_seed_file() -> None:
+    seed = Path("/work/shared/seed/000_641b2c3104bd4c59.txt")
+    if not seed.is_file():
+        pytest.skip("seed article not present")
+    assert ARTICLE in seed.read_text(encoding="utf-8")
+
+
+def test_unsupported_fields_of_article() -> None:
+    info = parse_infotext(ARTICLE)
+    assert unsupported_fields(info) == ["Face restoration"]
+    assert "Face restoration" in KNOWN_UNSUPPORTED
+
+
+def test_multiline_prompts_and_quoted_values() -> None:
+    text = (
+        "line one,\n  line two  \nNegative prompt: bad,\nworse\n"
+        'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 640x768, '
+        'Lora hashes: "a: 1a2b, b: 3c4d", Note: "say \\"hi\\"\\nthere", Clip skip: 2, Tiling'
+    )
+    info = parse_infotext(text)
+    assert info.prompt == "line one,\nline two"  # A1111 strips each line
+    assert info.negative_prompt == "bad,\nworse"
+    assert info.params["Lora hashes"] == "a: 1a2b, b: 3c4d"
+    assert info.params["Note"] == 'say "hi"\nthere'
+    assert info.params["Tiling"] == "Tiling"
+    assert info.cfg_scale == 7.5 and info.clip_skip == 2 and (info.width, info.height) == (640, 768)
+    assert unsupported_fields(info) == ["Lora hashes", "Note", "Tiling"]
+    again = format_infotext(info)
+    assert 'Lora hashes: "a: 1a2b, b: 3c4d"' in again
+    assert parse_infotext(again) == info
+
+
+def test_prompt_only_text() -> None:
+    info = parse_infotext("just a prompt, with commas", require_params=False)
+    assert info.prompt == "just a prompt, with commas" and info.params == {}
+    with pytest.raises(BlockmergeError, match="parameters"):
+        parse_infotext("just a prompt, with commas")
+    # "word, word, word" has no Key: value pairs, so it is a prompt, as in A1111
+    assert parse_infotext("a, b, c", require_params=False).prompt == "a, b, c"
+
+
+def test_crlf_and_no_negative() -> None:
+    info = parse_infotext("a cat\r\nSteps: 5, Sampler: Euler, CFG scale: 3, Seed: 7, Size: 64x64\r\n")
+    assert info.prompt == "a cat" and info.negative_prompt == "" and info.steps == 5
+    assert format_infotext(info) == "a cat\nSteps: 5, Sampler: Euler, CFG scale: 3, Seed: 7, Size: 64x64"
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("Steps: many, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps"),
+        ("Steps: 0, Sampler: Euler, CFG scale: 7, Seed: 1", "Steps"),
+        ("Steps: 20, Sampler: Euler, CFG scale: high, Seed: 1", "CFG scale"),
+        ("Steps: 20, Sampler: Euler, CFG scale: 7, Seed: x1", "Seed"),
+        ("Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 510x512", "Size"),
+        ("Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512", "Size"),
+        ("Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Clip skip: 0", "Clip skip"),
+    ],
+)
+def test_bad_fields_name_the_field(line: str, field: str) -> None:
+    with pytest.raises(BlockmergeError, match=f"img.png: {field}:"):
+        parse_infotext("prompt\n" + line, source="img.png")
+
+
+def test_build_matches_a1111_layout() -> None:
+    info = Infotext.build(
+        "a cat", "blurry", steps=40, sampler="Euler a", cfg_scale=7.0, seed=1, width=512, height=512,
+        model_hash="a9263745", model="sd-v1-5-pruned", clip_skip=1, extra={"Version": "blockmerge 0.1.0"},
+    )
+    assert format_infotext(info) == (
+        "a cat\nNegative prompt: blurry\nSteps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, "
+        "Model hash: a9263745, Model: sd-v1-5-pruned, Version: blockmerge 0.1.0"
+    )
+    assert unsupported_fields(info) == []
+    with pytest.raises(BlockmergeError, match="Size"):
+        Infotext.build("x", steps=1, sampler="Euler", cfg_scale=1, seed=0, width=500, height=512)
+
+
+def test_unknown_sampler_and_schedule_are_unsupported() -> None:
+    info = parse_infotext(
+        "p\nSteps: 20, Sampler: Restart, Schedule type: Align Your Steps, CFG scale: 7, Seed: 1"
+    )
+    assert unsupported_fields(info) == ["Sampler", "Schedule type"]
+
+
+def test_png_roundtrip(tmp_path: Path) -> None:
+    text = ARTICLE.replace("anime girl", "アニメの少女 ✨")  # non-Latin-1 forces an iTXt chunk
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path, pnginfo=png_info(text))
+    assert read_png_infotext(path) == text
+    with Image.open(path) as im:
+        assert im.info[PNG_TEXT_KEY] == text
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert read_png_infotext(plain) is None
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(BlockmergeError, match="bad.png"):
+        read_png_infotext(bad)
+
+
+# --- property: format then parse gives back the same fields --------------------------------------
+
+_PRINTABLE = st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\r\x85")
+
+
+_line = st.text(_PRINTABLE, max_size=30).map(str.strip).filter(lambda s: not s.startswith("Negative prompt:"))
+_prompt = st.lists(_line, max_size=3).map("\n".join)
+_key = st.text(string.ascii_letters + string.digits + " -/_", min_size=2, max_size=15).filter(
+    lambda k: k[0].isalnum() and k.strip() == k and k not in {"Steps", "CFG scale", "Seed", "Size", "Clip skip"}
+)
+_value = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"), max_size=25)
+
+
+@st.composite
+def _infotexts(draw: st.DrawFn) -> Infotext:
+    prompt = draw(_prompt).strip()
+    negative = draw(_prompt).strip()
+    params = {
+        "Steps": str(draw(st.integers(1, 150))),
+        "Sampler": draw(st.sampled_from(["Euler a", "DPM++ 2M Karras", "DDIM"])),
+        "CFG scale": json.dumps(draw(st.floats(0, 30, allow_nan=False))),
+        "Seed": str(draw(st.integers(-1, 2**32))),
+        "Size": f"{8 * draw(st.integers(1, 256))}x{8 * draw(st.integers(1, 256))}",
+    }
+    for key, value in draw(st.dictionaries(_key, _value, max_size=4)).items():
+        params[key] = value
+    return Infotext(prompt, negative, params)
+
+
+@settings(max_examples=200, deadline=None)
+@given(info=_infotexts())
+def test_format_then_parse_roundtrip(info: Infotext) -> None:
+    text = format_infotext(info)
+    back = parse_infotext(text)
+    assert back.prompt == info.prompt
+    assert back.negative_prompt == info.negative_prompt
+    assert back.params == info.params
+    assert list(back.params) == list(info.params)
+    assert format_infotext(back) == text
