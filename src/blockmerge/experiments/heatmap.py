@@ -1,0 +1,172 @@
+"""The U-Net drawn as a U: block positions, and a heat map of one number per block as SVG.
+
+The layout is the article's: IN00 at the top of the left arm going down, the middle block at the
+bottom, OUT00 at the bottom of the right arm going up to the last OUT block, and a top row for
+whatever is not a block (the baseline image in the report; BASE / text encoder / VAE values in a
+heat map). Both the HTML report and any later per-block comparison use these positions, so
+the picture means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+from ..errors import BlockmergeError
+
+_ID = re.compile(r"^(IN|M|OUT)(\d+)$")
+
+# ColorBrewer OrRd (light -> dark): "more change" reads as darker and warmer.
+PALETTE: tuple[tuple[int, int, int], ...] = ((255, 247, 236), (253, 212, 158), (252, 141, 89), (215, 48, 31), (127, 0, 0))
+NO_DATA = "#dddddd"
+
+
+def u_positions(block_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(row, column), 1-based, for each block id in a 3-column grid; row 1 is left for the top cell.
+
+    IN<i> -> (2 + i, 1); M<k> -> (bottom + k, 2); OUT<j> -> (bottom - 1 - j, 3), where bottom is
+    2 + the longer arm, so IN00 and the last OUT block share the top row of the arms.
+    """
+    parsed: list[tuple[str, int, str]] = []
+    for b in block_ids:
+        m = _ID.match(b)
+        if not m:
+            raise BlockmergeError(f"block id {b!r} has no place in the U layout (expected IN<n>, M<n>, OUT<n>)")
+        parsed.append((m.group(1), int(m.group(2)), b))
+    n_in = sum(1 for k, _, _ in parsed if k == "IN")
+    n_out = sum(1 for k, _, _ in parsed if k == "OUT")
+    bottom = 2 + max(n_in, n_out)
+    pos: dict[str, tuple[int, int]] = {}
+    for kind, i, b in parsed:
+        if kind == "IN":
+            pos[b] = (2 + i, 1)
+        elif kind == "M":
+            pos[b] = (bottom + i, 2)
+        else:
+            pos[b] = (bottom - 1 - i, 3)
+    return pos
+
+
+def colour_for(t: float) -> str:
+    """Hex colour for t in [0, 1] on :data:`PALETTE` (NaN -> grey "no data")."""
+    if math.isnan(t):
+        return NO_DATA
+    t = min(1.0, max(0.0, t))
+    x = t * (len(PALETTE) - 1)
+    i = min(int(x), len(PALETTE) - 2)
+    f = x - i
+    c = [round(a + (b - a) * f) for a, b in zip(PALETTE[i], PALETTE[i + 1], strict=True)]
+    return "#{:02x}{:02x}{:02x}".format(*c)
+
+
+def text_colour_for(t: float) -> str:
+    return "#ffffff" if not math.isnan(t) and t > 0.62 else "#000000"
+
+
+def normalise(values: Mapping[str, float], higher_is_more: bool = True) -> dict[str, float]:
+    """Each value as t in [0, 1]: 0 = least change among them, 1 = most; NaN stays NaN.
+
+    Infinite values (PSNR of an unchanged image) are the extreme they say they are and do not
+    stretch the scale of the finite ones.
+    """
+    finite = [v for v in values.values() if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        if math.isnan(v):
+            out[k] = math.nan
+            continue
+        if math.isinf(v):
+            t = 1.0 if v > 0 else 0.0
+        else:
+            t = (v - lo) / (hi - lo) if hi > lo else 0.0
+        out[k] = t if higher_is_more else 1.0 - t
+    return out
+
+
+def format_value(v: float) -> str:
+    """Short text for a number: three significant digits, ∞ and – for inf and NaN."""
+    if math.isnan(v):
+        return "–"
+    if math.isinf(v):
+        return "∞" if v > 0 else "-∞"
+    a = abs(v)
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def u_heatmap_svg(
+    block_ids: Sequence[str],
+    values: Mapping[str, float],
+    title: str,
+    *,
+    extra: Mapping[str, float] | None = None,
+    higher_is_more: bool = True,
+    unit: str = "",
+) -> str:
+    """An SVG document: one coloured ``<rect data-block=...>`` per block in the U, with its value.
+
+    ``values`` maps block ids to numbers (missing -> grey "no data"); ``extra`` adds cells in
+    the top row for BASE or components (``{"BASE": ..., "TE": ..., "VAE": ...}``), coloured on
+    the same scale. ``higher_is_more`` says which end is dark (False for PSNR / SSIM, where a
+    lower value is the bigger change).
+    """
+    extra = dict(extra or {})
+    pos = u_positions(block_ids)
+    allv = {b: float(values.get(b, math.nan)) for b in block_ids}
+    allv.update({f"extra:{k}": float(v) for k, v in extra.items()})
+    ts = normalise(allv, higher_is_more)
+    cw, ch, gap, mx, top = 118, 34, 6, 10, 40
+    n_rows = max(r for r, _ in pos.values())
+    width = 2 * mx + 3 * cw + 2 * gap
+    legend_y = top + n_rows * (ch + gap) + 8
+    height = legend_y + 40
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f"<title>{escape(title)}</title>",
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
+    ]
+
+    def cell(x: float, y: float, w: float, key: str, label: str, attr: str) -> None:
+        v, t = allv[key], ts[key]
+        txt = format_value(v) + (f" {unit}" if unit and math.isfinite(v) else "")
+        out.append(
+            f'<rect {attr} x="{x}" y="{y}" width="{w}" height="{ch}" rx="4" fill="{colour_for(t)}" '
+            f'stroke="#888" stroke-width="0.5"><title>{escape(label)}: {escape(txt)}</title></rect>'
+        )
+        out.append(
+            f'<text x="{x + w / 2}" y="{y + ch / 2 + 4}" text-anchor="middle" fill="{text_colour_for(t)}">'
+            f"<tspan font-weight=\"bold\">{escape(label)}</tspan> {escape(txt)}</text>"
+        )
+
+    for b in block_ids:
+        r, c = pos[b]
+        cell(mx + (c - 1) * (cw + gap), top + (r - 1) * (ch + gap), cw, b, b, f"data-block={quoteattr(b)}")
+    if extra:
+        w = (width - 2 * mx - (len(extra) - 1) * gap) / len(extra)
+        for i, k in enumerate(extra):
+            cell(mx + i * (w + gap), top, w, f"extra:{k}", k, f"data-extra={quoteattr(k)}")
+    finite = [v for v in allv.values() if math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        left, right = (lo, hi) if higher_is_more else (hi, lo)
+        out.append('<defs><linearGradient id="ramp">')
+        for i, rgb in enumerate(PALETTE):
+            out.append(f'<stop offset="{i / (len(PALETTE) - 1):.2f}" stop-color="rgb{rgb}"/>')
+        out.append("</linearGradient></defs>")
+        lw = width - 2 * mx - 120
+        out.append(f'<rect class="legend" x="{mx + 60}" y="{legend_y}" width="{lw}" height="10" fill="url(#ramp)"/>')
+        out.append(f'<text x="{mx + 55}" y="{legend_y + 9}" text-anchor="end">{escape(format_value(left))}</text>')
+        out.append(f'<text x="{mx + 65 + lw}" y="{legend_y + 9}">{escape(format_value(right))}</text>')
+        out.append(
+            f'<text x="{width / 2}" y="{legend_y + 26}" text-anchor="middle" fill="#555">'
+            "less change → more change</text>"
+        )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
