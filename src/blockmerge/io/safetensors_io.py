@@ -202,7 +202,7 @@ class SafetensorsStreamWriter:
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
         if t.numel():
-            self._f.write(memoryview(t.view(torch.uint8).numpy()))
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:

@@ -180,6 +180,8 @@ class MergeNode:
     def info(self, key: str) -> Info:
         i = self.operands[0].info(key)
         if self._plan[key] == "copy":
+            if self.fix_position_ids and key.endswith("embeddings.position_ids"):
+                return Info(torch.int64, i.shape)
             return i
         return Info(compute_dtype(*(o.info(key).dtype for o in self.operands)), i.shape)
 
