@@ -84,7 +84,8 @@ def test_hue_rotation_is_colour_not_structure() -> None:
     rot[..., 2] = np.sin(th) * BASE_LAB[..., 1] + np.cos(th) * BASE_LAB[..., 2]
     m = image_metrics(BASE, lab2rgb(rot))
     assert m["colour_de"] > 15
-    assert m["hue_emd"] > 60
+    # Rotating CIELAB hue by 120° moves the hue histogram by about 120° (gamut clipping aside).
+    assert m["hue_emd"] == pytest.approx(120, abs=10)
     # Lightness is kept by the rotation (up to gamut clipping): structure metrics stay near 0.
     assert m["composition"] < 0.005
     assert m["detail"] < 0.002
@@ -126,14 +127,21 @@ def test_circular_emd_wraps_around() -> None:
 
 
 def test_hue_histogram_ignores_greys_and_is_continuous() -> None:
-    grey = np.full((8, 8, 3), 0.5)
+    grey = np.zeros((8, 8, 3))
+    grey[..., 0] = 50
+    grey[..., 1] = 0.3  # chroma below one ΔE: no meaningful hue
     assert np.allclose(hue_histogram(grey), 1 / 36)
     red = np.zeros((8, 8, 3))
-    red[..., 0] = 1.0
+    red[..., 0], red[..., 1] = 50, 40  # hue angle 0
     h = hue_histogram(red)
     assert h.sum() == pytest.approx(1.0)
-    # Pure red (hue 0) sits between bin centres 355° and 5°: split half and half.
+    # Hue 0 sits between bin centres 355° and 5°: split half and half.
     assert h[0] == pytest.approx(0.5) and h[35] == pytest.approx(0.5)
+    # Continuous: turning the hue by 3° moves the distribution by 3°, not by a bin or none.
+    th = np.deg2rad(3)
+    turned = red.copy()
+    turned[..., 1], turned[..., 2] = 40 * np.cos(th), 40 * np.sin(th)
+    assert circular_emd(h, hue_histogram(turned)) == pytest.approx(3.0)
 
 
 def test_latent_distance() -> None:

@@ -337,3 +337,90 @@ def test_report_js_parses() -> None:
     js = files("blockmerge").joinpath("data", "report", "report.js")
     r = subprocess.run(["node", "--check", str(js)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# A minimal DOM, just what report.js touches, so the switching logic runs without a browser.
+_FAKE_DOM = r"""
+const fs = require("fs");
+const [jsPath, dataPath, blocksJson] = process.argv.slice(2);
+function El(tag, cls) {
+  this.tagName = tag; this.className = cls || ""; this.attrs = {}; this.children = []; this.style = {};
+  this.textContent = ""; this.listeners = {}; this.hidden = false;
+}
+El.prototype.getAttribute = function (k) { return k in this.attrs ? this.attrs[k] : null; };
+El.prototype.setAttribute = function (k, v) { this.attrs[k] = String(v); };
+El.prototype.removeAttribute = function (k) { delete this.attrs[k]; };
+El.prototype.appendChild = function (c) { this.children.push(c); return c; };
+El.prototype.removeChild = function (c) { this.children.splice(this.children.indexOf(c), 1); return c; };
+Object.defineProperty(El.prototype, "firstChild", { get: function () { return this.children[0] || null; } });
+El.prototype.querySelector = function (sel) {
+  const cls = sel.slice(1);
+  for (const c of this.children) {
+    if (c.className.split(" ").includes(cls)) return c;
+    const r = c.querySelector(sel); if (r) return r;
+  }
+  return null;
+};
+El.prototype.addEventListener = function (ev, f) { this.listeners[ev] = f; };
+El.prototype.contains = function () { return false; };
+const byId = {};
+for (const id of ["group", "prompt", "metric"]) { byId[id] = new El("select"); }
+byId["report-data"] = new El("script"); byId["report-data"].textContent = fs.readFileSync(dataPath, "utf8");
+for (const id of ["heatmap", "prompt-text", "metric-desc"]) byId[id] = new El("x");
+const cells = JSON.parse(blocksJson).map(function (b) {
+  const c = new El("div", "cell"); c.setAttribute("data-block", b);
+  for (const k of ["metric-value", "metric-all", "imgs", "vals"]) c.appendChild(new El("span", k));
+  return c;
+});
+global.document = {
+  getElementById: function (id) { return byId[id] || null; },
+  querySelectorAll: function (sel) { return sel === ".cell[data-block]" ? cells : []; },
+  createElement: function (t) { return new El(t); },
+  addEventListener: function () {},
+};
+const data = JSON.parse(byId["report-data"].textContent);
+byId.group.value = data.groups[0]; byId.prompt.value = "0"; byId.metric.value = data.metrics[0];
+eval(fs.readFileSync(jsPath, "utf8"));
+function snap() {
+  const o = {};
+  for (const c of cells) {
+    const imgs = c.querySelector(".imgs").children.map(function (a) { return a.children.length ? a.children[0].src : null; });
+    o[c.getAttribute("data-block")] = [c.querySelector(".metric-value").textContent, c.style.background || "", imgs];
+  }
+  o._heatmap = byId.heatmap.src; return o;
+}
+const states = [snap()];
+byId.metric.value = "psnr"; byId.metric.listeners.change(); states.push(snap());
+byId.prompt.value = "1"; byId.prompt.listeners.change(); states.push(snap());
+byId.group.value = "bypass"; byId.group.listeners.change(); states.push(snap());
+process.stdout.write(JSON.stringify(states));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_report_js_switches_metric_prompt_and_group(sd1_report: tuple[SweepResult, Path], tmp_path: Path) -> None:
+    from importlib.resources import files
+
+    res, index = sd1_report
+    p = _Cells()
+    p.feed(index.read_text(encoding="utf-8"))
+    data = json.loads(p.json_blob)
+    (tmp_path / "data.json").write_text(p.json_blob, encoding="utf-8")
+    (tmp_path / "dom.js").write_text(_FAKE_DOM, encoding="utf-8")
+    js = files("blockmerge").joinpath("data", "report", "report.js")
+    blocks = ["baseline", *SD1.block_ids]
+    r = subprocess.run(["node", str(tmp_path / "dom.js"), str(js), str(tmp_path / "data.json"), json.dumps(blocks)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, psnr, prompt1, bypass = json.loads(r.stdout)
+    g = data["cells"]["scale:k=0.75"]
+    # On load the script shows what Python rendered; each switch shows the precomputed view.
+    assert first["IN04"][0] == p.metric_values["IN04"] == g["IN04"]["v"]["0"]["rmse"][0]
+    assert psnr["IN04"][0] == g["IN04"]["v"]["0"]["psnr"][0] != first["IN04"][0]
+    assert psnr["IN04"][1] == g["IN04"]["v"]["0"]["psnr"][2]
+    assert prompt1["OUT05"][0] == g["OUT05"]["v"]["1"]["psnr"][0]
+    assert prompt1["OUT05"][2] == [im["src"] for im in g["OUT05"]["imgs"][1]] != psnr["OUT05"][2]
+    assert prompt1["baseline"][2] == [im["src"] for im in data["baseline"]["imgs"][1]]
+    assert bypass["M00"][0] == data["cells"]["bypass"]["M00"]["v"]["1"]["psnr"][0]
+    assert bypass["IN05"][0] == "not run" and bypass["IN05"][2] == []
+    assert bypass["_heatmap"] == data["heatmaps"]["bypass"]["psnr"] != prompt1["_heatmap"]
