@@ -1,0 +1,113 @@
+"""Hashes against hashlib, the hash cache, and the blocks / info / hash commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from blockmerge.architectures import SD1, SDXL
+from blockmerge.cli import main
+from blockmerge.io import file_hashes, hashes, open_checkpoint
+from blockmerge.merge import merge
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path / "cache"))
+
+
+def test_hashes_match_hashlib(tmp_path):
+    data = os.urandom(0x100000 + 0x10000 + 12345)
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(data)
+    h = file_hashes(f)
+    assert h.sha256 == hashlib.sha256(data).hexdigest()
+    assert h.short == h.sha256[:10]
+    assert h.legacy == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_article_style_legacy_hash_of_small_file(tmp_path):
+    f = tmp_path / "small.bin"
+    f.write_bytes(b"x" * 100)
+    assert file_hashes(f).legacy == hashlib.sha256(b"").hexdigest()[:8]  # nothing at 1 MiB, as A1111 computes it
+
+
+def test_cache_makes_second_call_instant_and_notices_changes(tmp_path, monkeypatch):
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"a" * 5000)
+    first = file_hashes(f)
+    calls = []
+    real = hashes.sha256_file
+    monkeypatch.setattr(hashes, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert file_hashes(f) == first and calls == []  # from the cache: the file is not read again
+    f.write_bytes(b"b" * 5001)
+    changed = file_hashes(f)
+    assert calls and changed.sha256 == hashlib.sha256(b"b" * 5001).hexdigest()
+    calls.clear()
+    assert file_hashes(f, use_cache=False) == changed and calls
+
+
+def test_hash_command(tiny_sd1_paths, capsys):
+    assert main(["hash", "-q", str(tiny_sd1_paths[0])]) == 0
+    out = capsys.readouterr().out.split()
+    data = tiny_sd1_paths[0].read_bytes()
+    full = hashlib.sha256(data).hexdigest()
+    assert out[:3] == [hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8], full[:10], full]
+
+
+def _independent_counts(path, arch):
+    counts = {}
+    with open_checkpoint(path) as r:
+        for k in r.keys():
+            b = arch.block_of(k)
+            c = counts.setdefault(b, [0, 0])
+            c[0] += 1
+            c[1] += r.info(k).numel
+    return counts
+
+
+@pytest.mark.parametrize("fixture,arch", [("tiny_sd1_paths", SD1), ("tiny_sdxl_paths", SDXL)])
+def test_blocks_command(request, capsys, fixture, arch):
+    path = request.getfixturevalue(fixture)[0]
+    assert main(["blocks", "--json", str(path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["architecture"] == arch.name
+    assert [r["block"] for r in data["blocks"]] == list(arch.all_ids)
+    expected = _independent_counts(path, arch)
+    for r in data["blocks"]:
+        assert [r["tensors"], r["parameters"]] == expected[r["block"]]
+        assert r["tensors"] > 0
+    assert {c["block"] for c in data["base_components"]} == {c.name for c in arch.components}
+    assert main(["blocks", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "M00" in text and f"{expected['M00'][1]:,}" in text
+
+
+def test_info_command_prints_merge_record(tiny_sd1_paths, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    merge(tiny_sd1_paths[:2], out, alpha="IN04-IN08=0.5", base_alpha=0.2)
+    assert main(["info", "--json", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "SD1" and info["format"] == "safetensors"
+    assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert info["dtypes"]["float16"] > 0 and info["size_bytes"] == out.stat().st_size
+    rec = info["merge_record"]
+    assert rec["alpha"]["IN05"] == 0.5 and rec["alpha"]["IN09"] == 0.0 and rec["alpha"]["BASE"] == 0.2
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "weighted_sum" in text and "IN05=0.5" in text and tiny_sd1_paths[0].name in text
+
+
+def test_info_on_ckpt(tiny_sd1_ckpt_path, capsys):
+    assert main(["info", "--json", "--no-hash", str(tiny_sd1_ckpt_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "pickle" and info["architecture"] == "SD1" and "sha256" not in info
+
+
+def test_presets_command(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "GRAD_V" in out and "SD1/SD2" in out

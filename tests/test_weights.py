@@ -1,0 +1,133 @@
+"""Weight specifications: every accepted form and every refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blockmerge.architectures import SD1, SDXL
+from blockmerge.errors import WeightSpecError
+from blockmerge.merge import load_presets, parse_weights
+
+# The project's reference copy of the extension's presets sits beside the checkout (../shared).
+REFERENCE_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mbw-presets.tsv"
+PACKAGE_TSV = Path(__file__).resolve().parents[1] / "src" / "blockmerge" / "data" / "mbw-presets.tsv"
+
+
+def test_one_number_sets_every_block_and_base():
+    w = parse_weights("0.3", SD1)
+    assert w.values == (0.3,) * 26
+    w = parse_weights(0.3, SD1, base=0.9)
+    assert w["BASE"] == 0.9 and w["OUT11"] == 0.3
+
+
+def test_25_values_in_block_order_and_base_from_option():
+    vals = [i / 100 for i in range(25)]
+    w = parse_weights(",".join(map(str, vals)), SD1, base=0.5)
+    assert w.blocks_list() == vals and w["BASE"] == 0.5
+    assert w["IN00"] == 0.0 and w["M00"] == 0.12 and w["OUT11"] == 0.24
+    # without a base value BASE keeps model A for the method (0 for weighted_sum, 1 for scaled_sum α)
+    assert parse_weights(",".join(map(str, vals)), SD1)["BASE"] == 0.0
+    assert parse_weights(",".join(map(str, vals)), SD1, keep_a=1.0)["BASE"] == 1.0
+
+
+def test_26_values_take_base_first_like_supermerger():
+    vals = [0.7] + [0.1] * 25
+    w = parse_weights(" ".join(map(str, vals)), SD1)
+    assert w["BASE"] == 0.7 and w["IN05"] == 0.1
+    with pytest.raises(WeightSpecError, match="BASE first"):
+        parse_weights(",".join(map(str, vals)), SD1, base=0.2)
+
+
+def test_sdxl_counts():
+    assert len(parse_weights(",".join(["0.5"] * 19), SDXL).values) == 20
+    assert parse_weights(",".join(["0.5"] + ["0.25"] * 19), SDXL)["BASE"] == 0.5
+    with pytest.raises(WeightSpecError, match="25 values; SDXL needs 1, 19"):
+        parse_weights(",".join(["0.5"] * 25), SDXL)
+
+
+@pytest.mark.parametrize("bad", ["0.1,0.2", ",".join(["0.5"] * 24), ",".join(["0.5"] * 27)])
+def test_wrong_number_of_values(bad):
+    with pytest.raises(WeightSpecError, match=r"--alpha: the list has \d+ values; SD1 needs 1, 25"):
+        parse_weights(bad, SD1)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "abc", "0.5,x," + ",".join(["1"] * 23), "IN04=nan", "IN04=zz"])
+def test_non_numeric_nan_inf_refused(bad):
+    with pytest.raises(WeightSpecError, match="--alpha"):
+        parse_weights(bad, SD1)
+
+
+def test_presets_match_the_reference_file():
+    book = load_presets()
+    ref = REFERENCE_TSV if REFERENCE_TSV.exists() else PACKAGE_TSV
+    rows = [line.split("\t") for line in ref.read_text().splitlines()[1:] if line.strip()]
+    assert len(rows) == len(book.presets) > 30
+    for name, vals in rows:
+        w = parse_weights(name, SD1, base=0.0)
+        assert w.blocks_list() == [float(v) for v in vals.split(",")], name
+    assert parse_weights("grad_v", SD1)["IN00"] == 1.0  # names are case-insensitive
+    # a few values as the Merge Block Weighted extension defines them
+    assert parse_weights("GRAD_A", SD1).blocks_list()[12] == 1.0
+    assert parse_weights("WRAP08", SD1).blocks_list() == [1] * 4 + [0] * 17 + [1] * 4
+    assert parse_weights("SMOOTHSTEP/4", SD1)["IN06"] == 1.0
+
+
+def test_sd1_preset_on_sdxl_is_an_error_not_a_truncation():
+    with pytest.raises(WeightSpecError, match="preset GRAD_V has 25 values and is not for SDXL"):
+        parse_weights("GRAD_V", SDXL)
+
+
+def test_unknown_preset():
+    with pytest.raises(WeightSpecError, match="unknown preset 'NOPE'"):
+        parse_weights("NOPE", SD1)
+
+
+def test_user_preset_file(tmp_path, monkeypatch):
+    f = tmp_path / "mine.tsv"
+    f.write_text("preset_name\tpreset_weights\n# mine\nXL_HALF\t" + ",".join(["0.5"] * 19) + "\n"
+                 "MY_SD\t" + ",".join(["0.2"] * 26) + "\n")
+    book = load_presets([f])
+    assert parse_weights("XL_HALF", SDXL, presets=book).blocks_list() == [0.5] * 19
+    w = parse_weights("MY_SD", SD1, presets=book)
+    assert w["BASE"] == 0.2
+    monkeypatch.setenv("BLOCKMERGE_PRESETS", str(f))
+    assert load_presets().get("xl_half") is not None
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("X\t1,2,3\n")
+    with pytest.raises(WeightSpecError, match=r"bad.tsv:1: preset X has 3 values"):
+        load_presets([bad])
+    with pytest.raises(WeightSpecError, match="missing.tsv"):
+        load_presets([tmp_path / "missing.tsv"])
+
+
+def test_readable_form():
+    w = parse_weights("IN04-IN08=0.5,M00=1", SD1)
+    d = w.as_dict()
+    assert [d[f"IN{i:02d}"] for i in range(12)] == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 0, 0, 0]
+    assert d["M00"] == 1 and d["OUT05"] == 0 and d["BASE"] == 0
+    w = parse_weights("0.2, OUT=0.9, BASE=0.1", SD1)
+    assert w["IN03"] == 0.2 and w["OUT00"] == 0.9 and w["OUT11"] == 0.9 and w["BASE"] == 0.1 and w["M00"] == 0.2
+    w = parse_weights("GRAD_V,in=0", SD1)
+    assert w["IN00"] == 0 and w["OUT11"] == 1.0
+    w = parse_weights("IN4=0.75", SD1, keep_a=1.0)  # the article's experiment spec for scaled_sum
+    assert w["IN04"] == 0.75 and w["IN03"] == 1.0 and w["BASE"] == 1.0
+    w = parse_weights("IN03-M00=1", SDXL)
+    assert w.as_dict()["IN08"] == 1 and w["M00"] == 1 and w["IN02"] == 0 and w["OUT00"] == 0
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [("IN12=0.5", "unknown block 'IN12'"), ("IN08-IN04=1", "must go forward"), ("OUT09=1", "unknown block"),
+     ("IN04=0.5,0.3", "expected ID=VALUE"), ("", "empty")],
+)
+def test_readable_form_errors(bad, msg):
+    arch = SDXL if bad == "OUT09=1" else SD1
+    with pytest.raises(WeightSpecError, match=msg):
+        parse_weights(bad, arch)
+
+
+def test_base_given_twice():
+    with pytest.raises(WeightSpecError, match="BASE is given both"):
+        parse_weights("IN04=0.5,BASE=0.2", SD1, base=0.3)
