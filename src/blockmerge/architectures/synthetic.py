@@ -379,7 +379,7 @@ def _write_safetensors_streaming(
         for (key, shape, dt), (tkey, t) in zip(entries, tensors, strict=True):
             if tkey != key or tuple(t.shape) != shape or t.dtype != dt:
                 raise AssertionError(f"synthetic writer out of step at {key!r}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_synthetic(
