@@ -11,5 +11,13 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[test]"
+# The reference CLIP tokenizer (openai-clip's own SimpleTokenizer) that tokenizer tests compare against:
+# its source distribution, fetched from PyPI as a test input, never imported by blockmerge itself.
+mkdir -p .cache/test-inputs
+if [ ! -f .cache/test-inputs/openai-clip-1.0.1.tar.gz ]; then
+  python -m pip download -q --no-deps --no-binary :all: -d .cache/test-inputs "openai-clip==1.0.1" \
+    || echo "test.sh: could not fetch the openai-clip sdist; reference tokenizer comparison will skip"
+fi
+export BLOCKMERGE_OPENAI_CLIP_SDIST="$PWD/.cache/test-inputs/openai-clip-1.0.1.tar.gz"
 python -m ruff check src tests bench
 python -m pytest -q "$@"
