@@ -122,7 +122,8 @@ def u_heatmap_svg(
     allv.update({f"extra:{k}": float(v) for k, v in extra.items()})
     ts = normalise(allv, higher_is_more)
     cw, ch, gap, mx, top = 118, 34, 6, 10, 40
-    n_rows = max(r for r, _ in pos.values())
+    skip = 0 if extra else 1  # without extras the top row is not drawn
+    n_rows = max(r for r, _ in pos.values()) - skip
     width = 2 * mx + 3 * cw + 2 * gap
     legend_y = top + n_rows * (ch + gap) + 8
     height = legend_y + 40
@@ -147,7 +148,7 @@ def u_heatmap_svg(
 
     for b in block_ids:
         r, c = pos[b]
-        cell(mx + (c - 1) * (cw + gap), top + (r - 1) * (ch + gap), cw, b, b, f"data-block={quoteattr(b)}")
+        cell(mx + (c - 1) * (cw + gap), top + (r - 1 - skip) * (ch + gap), cw, b, b, f"data-block={quoteattr(b)}")
     if extra:
         w = (width - 2 * mx - (len(extra) - 1) * gap) / len(extra)
         for i, k in enumerate(extra):

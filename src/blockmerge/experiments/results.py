@@ -179,6 +179,8 @@ class SweepResult:
     # ---- checks --------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`BlockmergeError` on an inconsistent description, before any work."""
+        if not self.prompts or not self.seeds:
+            raise BlockmergeError("sweep: needs at least one prompt and one seed")
         ids = [v.id for v in self.variants]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
