@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -348,40 +346,6 @@ def make_state_dict(
     return dict(_iter_tensors(arch, size, seed, dtype))
 
 
-_ST_DTYPES = {
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-}
-
-
-def _write_safetensors_streaming(
-    path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterator[tuple[str, torch.Tensor]],
-    metadata: Mapping[str, str],
-) -> None:
-    # safetensors.torch.save_file needs every tensor in memory at once (a 6.9 GB dict for SDXL);
-    # the format is simple enough (8-byte little-endian header length, JSON header with
-    # contiguous data_offsets, raw little-endian bytes) to stream one tensor at a time instead.
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, shape, dt in entries:
-        nbytes = math.prod(shape) * dt.itemsize
-        header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (key, shape, dt), (tkey, t) in zip(entries, tensors, strict=True):
-            if tkey != key or tuple(t.shape) != shape or t.dtype != dt:
-                raise AssertionError(f"synthetic writer out of step at {key!r}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
 def write_synthetic(
     path: str | Path,
     arch: str,
@@ -401,12 +365,20 @@ def write_synthetic(
         raise BlockmergeError(f"synthetic checkpoint: dtype must be floating point, got {dtype}")
     path = Path(path)
     a, s = _arch_key(arch), _size_key(size)
+    from ..io import SafetensorsStreamWriter, atomic_write
+
     if fmt == "ckpt":
-        torch.save({"state_dict": make_state_dict(a, s, seed, dtype)}, path)
+        with atomic_write(path) as f:
+            torch.save({"state_dict": make_state_dict(a, s, seed, dtype)}, f)
         return path
     if fmt != "safetensors":
         raise BlockmergeError(f"synthetic checkpoint: unknown format {fmt!r} (expected safetensors or ckpt)")
     entries = [(k, shape, dtype if dt.is_floating_point else dt) for k, shape, dt in layout(a, s)]
     meta = {"format": "pt", **(metadata or {})}
-    _write_safetensors_streaming(path, entries, _iter_tensors(a, s, seed, dtype), meta)
+    # The same streaming writer as merges: full SDXL never sits in memory.
+    with atomic_write(path) as f:
+        writer = SafetensorsStreamWriter(f, [(k, dt, shape) for k, shape, dt in entries], meta)
+        for key, t in _iter_tensors(a, s, seed, dtype):
+            writer.write(key, t)
+        writer.finish()
     return path
