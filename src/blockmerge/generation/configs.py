@@ -1,0 +1,251 @@
+"""diffusers / transformers configs inferred from the tensor shapes of a single-file checkpoint.
+
+Why this exists: diffusers' ``from_single_file`` fetches a config from the Hugging Face hub (or
+needs a local copy of a model repository) to know what it is loading. Everything it needs is in the
+tensors themselves, so we read it off the shapes: real SD1.5 / SD2.1 / SDXL files and the tiny
+bundled or synthetic ones go through this one code path, and nothing touches the network.
+
+What shapes cannot say is filled in from the family's conventions, written down once here:
+attention heads (SD1: 8 per layer; SD2 / SDXL and every CLIP text tower: 64-wide heads),
+GroupNorm groups (32, as in every SD model; narrower test models use the largest divisor of their
+widths up to 32), the text towers' activation (OpenAI CLIP: quick_gelu; OpenCLIP: gelu) and the
+VAE scaling factor (SDXL 0.13025, else 0.18215).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..architectures import SD1, SD2, SDXL, UNET_PREFIX, Architecture
+from ..errors import CheckpointError
+
+VAE_PREFIX = "first_stage_model."
+SD1_TE_PREFIX = "cond_stage_model.transformer."
+SD2_TE_PREFIX = "cond_stage_model.model."
+SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
+
+#: Pixel resolution each family was trained at (``modelspec.resolution`` metadata overrides it).
+DEFAULT_RESOLUTION = {"SD1": 512, "SD2": 512, "SD2-v": 768, "SDXL": 1024}
+VAE_SCALING = {"SD1": 0.18215, "SD2": 0.18215, "SDXL": 0.13025}
+
+Shape = tuple[int, ...]
+ShapeOf = Callable[[str], Shape]
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text tower: its transformers config and where / how it is stored in the file."""
+
+    kind: str  # "clip" (transformers names) or "open_clip"
+    prefix: str
+    config: dict[str, Any]
+    with_projection: bool
+    pad_token: str
+    drop_last_layer: bool  # SD2 runs the penultimate layer: the file has one more than the model
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    arch: Architecture
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoders: tuple[TextEncoderSpec, ...]
+
+
+def _indices(keys: Iterable[str], prefix: str) -> list[int]:
+    out = set()
+    for k in keys:
+        if k.startswith(prefix):
+            head = k[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                out.add(int(head))
+    return sorted(out)
+
+
+def norm_groups(widths: Iterable[int]) -> int:
+    """32 (every SD model); for narrow test models the largest divisor of all widths up to 32."""
+    g = 0
+    for w in widths:
+        g = math.gcd(g, int(w))
+    if g % 32 == 0:
+        return 32
+    return max(d for d in range(1, min(g, 32) + 1) if g % d == 0)
+
+
+def _need(keys: frozenset[str], key: str, source: str) -> str:
+    if key not in keys:
+        raise CheckpointError(f"{source}: missing tensor {key!r}; the checkpoint is incomplete")
+    return key
+
+
+def unet_config(
+    arch: Architecture, keys: frozenset[str], shape: ShapeOf, source: str, sample_size: int
+) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config from the LDM U-Net's shapes."""
+    p = UNET_PREFIX
+    conv_in = shape(_need(keys, p + "input_blocks.0.0.weight", source))
+    in_ch = conv_in[1]
+    # Walk input blocks 1..N: resblocks accumulate into the current level, a downsampler closes it.
+    levels: list[dict[str, Any]] = [{"res": [], "attn": []}]
+    for i in _indices(keys, p + "input_blocks."):
+        if i == 0:
+            continue
+        b = f"{p}input_blocks.{i}."
+        if b + "0.op.weight" in keys:
+            levels.append({"res": [], "attn": []})
+            continue
+        if b + "0.out_layers.3.weight" not in keys:
+            raise CheckpointError(f"{source}: input block {i} is neither a resblock nor a downsampler")
+        levels[-1]["res"].append(shape(b + "0.out_layers.3.weight")[0])
+        depth = len(_indices(keys, b + "1.transformer_blocks."))
+        levels[-1]["attn"].append(depth)
+    layers = len(levels[0]["res"])
+    if layers == 0 or any(len(lv["res"]) != layers for lv in levels):
+        raise CheckpointError(f"{source}: U-Net levels have different numbers of resblocks")
+    channels = [lv["res"][0] for lv in levels]
+    depths = [max(lv["attn"]) for lv in levels]
+    has_attn = [d > 0 for d in depths]
+
+    # Any transformer block tells the cross-attention width and the projection kind.
+    tkey = next((k for k in sorted(keys) if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
+    if tkey is None:
+        raise CheckpointError(f"{source}: the U-Net has no cross-attention layers")
+    cross_dim = shape(tkey)[1]
+    proj = next(k for k in sorted(keys) if k.startswith(p) and k.endswith(".proj_in.weight"))
+    linear = len(shape(proj)) == 2
+
+    if arch is SD1:
+        heads: int | list[int] = 8
+    else:
+        # diffusers' "attention_head_dim" is really the head count; SD2 / SDXL heads are 64 wide.
+        heads = [max(1, c // 64) for c in channels]
+    mid_depth = len(_indices(keys, p + "middle_block.1.transformer_blocks."))
+    config: dict[str, Any] = {
+        "sample_size": sample_size,
+        "in_channels": in_ch,
+        "out_channels": shape(_need(keys, p + "out.2.weight", source))[0],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "cross_attention_dim": cross_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": linear,
+        "norm_num_groups": norm_groups(channels),
+        "upcast_attention": arch is SD2,
+    }
+    if mid_depth == 0:
+        raise CheckpointError(f"{source}: the U-Net middle block has no transformer")
+    if any(d > 1 for d in depths) or mid_depth > 1:
+        # diffusers' mid block takes the last entry; SDXL's mid block is as deep as its last level.
+        config["transformer_layers_per_block"] = [max(d, 1) for d in depths]
+    if UNET_PREFIX + "label_emb.0.0.weight" in keys:
+        config["addition_embed_type"] = "text_time"
+        config["projection_class_embeddings_input_dim"] = shape(UNET_PREFIX + "label_emb.0.0.weight")[1]
+    return config
+
+
+def add_time_embed_dim(config: dict[str, Any], pooled_dim: int, source: str) -> None:
+    """SDXL: label_emb's input is the pooled text embedding + 6 sinusoidal size/crop embeddings."""
+    extra = config["projection_class_embeddings_input_dim"] - pooled_dim
+    if extra <= 0 or extra % 6:
+        raise CheckpointError(f"{source}: label_emb input width does not fit the text encoder's projection")
+    config["addition_time_embed_dim"] = extra // 6
+    config["addition_embed_type_num_heads"] = 64
+
+
+def vae_config(keys: frozenset[str], shape: ShapeOf, source: str, sample_size: int, scaling: float) -> dict[str, Any]:
+    """An ``AutoencoderKL`` config from the LDM VAE's shapes."""
+    p = VAE_PREFIX + "encoder."
+    levels = _indices(keys, p + "down.")
+    if not levels:
+        raise CheckpointError(f"{source}: no VAE encoder found (first_stage_model.encoder.down.*)")
+    channels = [shape(f"{p}down.{i}.block.0.conv2.weight")[0] for i in levels]
+    layers = len(_indices(keys, p + "down.0.block."))
+    n = len(channels)
+    return {
+        "in_channels": shape(_need(keys, p + "conv_in.weight", source))[1],
+        "out_channels": shape(_need(keys, VAE_PREFIX + "decoder.conv_out.weight", source))[0],
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "latent_channels": shape(_need(keys, VAE_PREFIX + "decoder.conv_in.weight", source))[1],
+        "norm_num_groups": norm_groups(channels),
+        "sample_size": sample_size,
+        "scaling_factor": scaling,
+        # SDXL's VAE overflows in fp16; the SDXL pipeline upcasts it to fp32 to decode when set.
+        "force_upcast": scaling == VAE_SCALING["SDXL"],
+    }
+
+
+_LAYER = re.compile(r"(\d+)\.")
+
+
+def clip_config(keys: frozenset[str], shape: ShapeOf, prefix: str, source: str) -> dict[str, Any]:
+    """OpenAI CLIP text tower stored with transformers names (SD1, SDXL's first encoder)."""
+    emb = shape(_need(keys, prefix + "text_model.embeddings.token_embedding.weight", source))
+    pos = shape(_need(keys, prefix + "text_model.embeddings.position_embedding.weight", source))
+    n_layers = len(_indices(keys, prefix + "text_model.encoder.layers."))
+    inter = shape(_need(keys, prefix + "text_model.encoder.layers.0.mlp.fc1.weight", source))[0]
+    return _text_config(emb, pos, n_layers, inter, "quick_gelu")
+
+
+def open_clip_config(keys: frozenset[str], shape: ShapeOf, prefix: str, source: str) -> dict[str, Any]:
+    """OpenCLIP text tower (SD2, SDXL's second encoder)."""
+    emb = shape(_need(keys, prefix + "token_embedding.weight", source))
+    pos = shape(_need(keys, prefix + "positional_embedding", source))
+    n_layers = len(_indices(keys, prefix + "transformer.resblocks."))
+    inter = shape(_need(keys, prefix + "transformer.resblocks.0.mlp.c_fc.weight", source))[0]
+    cfg = _text_config(emb, pos, n_layers, inter, "gelu")
+    if prefix + "text_projection" in keys:
+        cfg["projection_dim"] = shape(prefix + "text_projection")[1]
+    return cfg
+
+
+def _text_config(emb: Shape, pos: Shape, n_layers: int, inter: int, act: str) -> dict[str, Any]:
+    hidden = emb[1]
+    return {
+        "vocab_size": emb[0],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": pos[0],
+        "hidden_act": act,
+        "projection_dim": hidden,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    }
+
+
+def infer_configs(arch: Architecture, keys: frozenset[str], shape: ShapeOf, source: str,
+                  resolution: int) -> ModelConfigs:
+    """All configs of a single-file checkpoint of family ``arch``; ``resolution`` in pixels."""
+    vae = vae_config(keys, shape, source, resolution, VAE_SCALING[arch.name])
+    latent_size = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    unet = unet_config(arch, keys, shape, source, latent_size)
+    if arch is SD1:
+        tes = (TextEncoderSpec("clip", SD1_TE_PREFIX, clip_config(keys, shape, SD1_TE_PREFIX, source),
+                               False, "<|endoftext|>", False),)
+    elif arch is SD2:
+        cfg = open_clip_config(keys, shape, SD2_TE_PREFIX, source)
+        cfg["num_hidden_layers"] -= 1
+        tes = (TextEncoderSpec("open_clip", SD2_TE_PREFIX, cfg, False, "!", True),)
+    elif arch is SDXL:
+        te1 = clip_config(keys, shape, SDXL_TE1_PREFIX, source)
+        te2 = open_clip_config(keys, shape, SDXL_TE2_PREFIX, source)
+        tes = (
+            TextEncoderSpec("clip", SDXL_TE1_PREFIX, te1, False, "<|endoftext|>", False),
+            TextEncoderSpec("open_clip", SDXL_TE2_PREFIX, te2, True, "!", False),
+        )
+        add_time_embed_dim(unet, te2["projection_dim"], source)
+    else:  # pragma: no cover - detect() only returns the three above
+        raise CheckpointError(f"{source}: no loader for architecture {arch.name}")
+    return ModelConfigs(arch, unet, vae, tes)
