@@ -170,6 +170,51 @@ class _Hasher:
         return self.results
 
 
+def input_record(
+    index: int, role: str, path: Path, hashes: Mapping[Path, Any] | None, metadata: Mapping[str, str] | None
+) -> InputRecord:
+    """An input's metadata record; before its hash is known, a placeholder of the same width."""
+    h = hashes.get(path) if hashes else None
+    if h is None:
+        return InputRecord(role, path.name, placeholder_sha(index), metadata=metadata)
+    return InputRecord(role, path.name, h.sha256, h.legacy, metadata)
+
+
+def write_hashed(
+    source: Source,
+    output: Path,
+    hash_paths: Sequence[Path],
+    make_metadata: Callable[[Mapping[Path, Any] | None], dict[str, str]],
+    *,
+    dtype: str,
+    fmt: str,
+    progress: bool = False,
+    threads: int = 2,
+) -> tuple[int, dict[str, str]]:
+    """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
+    and the final metadata.
+
+    Why: hashing two 2 GB inputs takes as long as the merge itself, so it overlaps the merge; the
+    header is first written with ``make_metadata(None)`` (placeholder hashes of the same width) and
+    rewritten with ``make_metadata(hashes)`` once both are done. Shared by ``merge`` and recipes.
+    """
+    hasher = _Hasher(hash_paths)
+    placeholder = make_metadata(None)
+    final: dict[str, str] = {}
+
+    def finalize() -> Mapping[str, str]:
+        final.update(make_metadata(hasher.join()))
+        return final
+
+    written = write_source(
+        source, output, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
+        progress=progress, threads=threads,
+    )
+    if not final:
+        final.update(make_metadata(hasher.join()))
+    return written, final
+
+
 def merge(
     models: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -238,7 +283,7 @@ def merge(
             vae_src = open_checkpoint(vae_path)
             stack.callback(vae_src.close)
             node = OverlayNode(node, vae_src)
-        _check_position_ids(sources[0], report, fix_position_ids)
+        check_position_ids(sources[0], report, fix_position_ids)
         if sources[0].dropped_ema:
             report.warnings.append(f"dropped {sources[0].dropped_ema} model_ema.* tensors (use --keep-ema to keep them)")
         if report.only_in_others:
@@ -248,7 +293,6 @@ def merge(
             )
         roles = "ABC"
         hash_paths = paths + ([vae_path] if vae_path else [])
-        hasher = _Hasher(hash_paths)
         record = {
             "method": m.name,
             "formula": m.formula,
@@ -261,35 +305,19 @@ def merge(
         }
 
         def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
-            def rec(index: int, role: str, p: Path, md: Mapping[str, str] | None) -> InputRecord:
-                h = hashes.get(p) if hashes else None
-                if h is None:
-                    return InputRecord(role, p.name, placeholder_sha(index), metadata=md)
-                return InputRecord(role, p.name, h.sha256, h.legacy, md)
-
-            inputs = [rec(i, roles[i], p, sources[i].metadata) for i, p in enumerate(paths)]
-            vrec = rec(len(paths), "VAE", vae_path, None) if vae_path else None
+            inputs = [input_record(i, roles[i], p, hashes, sources[i].metadata) for i, p in enumerate(paths)]
+            vrec = input_record(len(paths), "VAE", vae_path, hashes, None) if vae_path else None
             return build_metadata(
                 record, inputs, a1111_method=m.a1111_name, multiplier=aw["BASE"], half=dtype == "fp16", vae=vrec
             )
 
-        placeholder = meta(None)
-        final: dict[str, str] = {}
-
-        def finalize() -> Mapping[str, str]:
-            final.update(meta(hasher.join()))
-            return final
-
-        written = write_source(
-            node, out, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
-            progress=progress, threads=threads,
+        written, final = write_hashed(
+            node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads
         )
-        if not final:
-            final.update(meta(hasher.join()))
         return MergeResult(out, arch.name, m.name, aw, bw, len(node.keys()), written, report, final)
 
 
-def _check_position_ids(a: FileSource, report: MergeReport, fixing: bool) -> None:
+def check_position_ids(a: FileSource, report: MergeReport, fixing: bool) -> None:
     for key in a.keys():
         if key.endswith("embeddings.position_ids"):
             t = a.get(key)

@@ -49,18 +49,24 @@ def build_metadata(
     multiplier: float,
     half: bool,
     vae: InputRecord | None = None,
+    a1111_roles: Sequence[str | None] = ("A", "B", "C"),
 ) -> dict[str, str]:
-    """The header metadata for a merge output; deterministic for the same inputs and record."""
+    """The header metadata for a merge output; deterministic for the same inputs and record.
+
+    ``a1111_roles`` names the inputs A1111 records as primary / secondary / tertiary model (a
+    recipe's last step may take an earlier step's result, which has no file and no hash: None).
+    """
     by_role = {i.role: i for i in inputs}
 
-    def sha(role: str) -> str | None:
+    def sha(role: str | None) -> str | None:
         return by_role[role].sha256 if role in by_role else None
 
+    roles = [*a1111_roles, None, None, None][:3]
     recipe = {
         "type": "blockmerge",
-        "primary_model_hash": sha("A"),
-        "secondary_model_hash": sha("B"),
-        "tertiary_model_hash": sha("C"),
+        "primary_model_hash": sha(roles[0]),
+        "secondary_model_hash": sha(roles[1]),
+        "tertiary_model_hash": sha(roles[2]),
         "interp_method": a1111_method,
         "multiplier": multiplier,
         "save_as_half": half,
