@@ -24,6 +24,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TINY_DTYPE = torch.float16
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests keep their hash cache to themselves instead of writing to ~/.cache."""
+    os.environ["BLOCKMERGE_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 def _write(tmp: Path, arch: str, seeds: tuple[int, ...]) -> tuple[Path, ...]:
     return tuple(
         write_synthetic(tmp / f"{arch.lower()}_tiny_seed{s}.safetensors", arch, "tiny", seed=s, dtype=TINY_DTYPE)

@@ -1,0 +1,123 @@
+"""generate, models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+
+def _params_from_args(args: argparse.Namespace):
+    from ..errors import BlockmergeError
+    from ..generation.generate import GenerationParams, parse_seeds
+    from ..generation.infotext import Infotext, parse_infotext, read_png_infotext
+    from ..generation.samplers import resolve_sampler
+
+    text = None
+    source = "--infotext"
+    if sum(x is not None for x in (args.infotext, args.infotext_file, args.from_png)) > 1:
+        raise BlockmergeError("give only one of --infotext, --infotext-file, --from-png")
+    if args.infotext is not None:
+        text = args.infotext
+    elif args.infotext_file is not None:
+        source = args.infotext_file
+        try:
+            text = Path(args.infotext_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise BlockmergeError(f"--infotext-file {args.infotext_file}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise BlockmergeError(f"--infotext-file {args.infotext_file}: not UTF-8 text") from None
+    elif args.from_png is not None:
+        source = args.from_png
+        text = read_png_infotext(args.from_png)
+        if text is None:
+            raise BlockmergeError(f"--from-png {args.from_png}: the PNG has no A1111 parameters")
+    info = parse_infotext(text, source=source, require_params=False) if text is not None else Infotext()
+    seeds = parse_seeds(args.seed) if args.seed is not None else None
+    params = GenerationParams.from_infotext(
+        info, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+        cfg_scale=args.cfg_scale, width=args.width, height=args.height, clip_skip=args.clip_skip, seeds=seeds,
+    )
+    resolve_sampler(params.sampler, params.schedule_type, source="--sampler")
+    return params
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import BlockmergeError
+    from ..generation.generate import generate, save_png
+    from ..generation.loader import load_pipeline
+
+    params = _params_from_args(args)  # validate everything before the slow load
+    from ..models import resolve_model
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
+    model_path = resolve_model(args.model)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) if args.dtype else None
+    for f in params.ignored:
+        print(f"blockmerge: warning: infotext field {f!r} is not applied (and not written as applied)", file=sys.stderr)
+    loaded = load_pipeline(model_path, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(img) -> None:
+        path = out / f"{len(written):05d}-{img.seed}.png"
+        n = len(written)
+        while path.exists() and not args.overwrite:
+            n += 1
+            path = out / f"{n:05d}-{img.seed}.png"
+        written.append(save_png(img, path))
+        if not args.quiet:
+            print(path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if args.quiet else "default")
+        generate(loaded, params, batch_size=args.batch_size, on_image=save)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import list_models
+
+    for m in list_models():
+        print(f"{m.name:<12} {m.path}")
+        print(f"  {m.description}")
+        if m.vocabulary:
+            for k, v in m.vocabulary.items():
+                print(f"  {k}: {', '.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images offline from a single-file checkpoint",
+                       description="Generate images with A1111 semantics; explicit options override the infotext.")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint path or bundled model name (default: bundled)")
+    p.add_argument("-o", "--output", required=True, help="output folder for PNGs")
+    src = p.add_argument_group("infotext")
+    src.add_argument("--infotext", metavar="TEXT", help="A1111 'PNG Info' text")
+    src.add_argument("--infotext-file", metavar="FILE", help="a file holding A1111 infotext")
+    src.add_argument("--from-png", metavar="PNG", help="take the infotext from a PNG's parameters")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'")
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--seed", help="one seed, a list (1,2,3,4) or a range (1-4)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch-size", type=int, help="images per U-Net batch (default: all seeds at once)")
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "eps", "v"],
+                   help="override v-prediction detection (SD2 768-v)")
+    p.add_argument("--overwrite", action="store_true", help="reuse file names in the output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the bundled models and what they can draw")
+    p.set_defaults(func=cmd_models)

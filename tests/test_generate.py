@@ -1,0 +1,150 @@
+"""Generation: seeds in a batch vs one at a time, infotext in and out, the generate command, offline."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blockmerge.cli import main
+from blockmerge.errors import BlockmergeError
+from blockmerge.generation.generate import GenerationParams, generate, parse_seeds, save_png
+from blockmerge.generation.infotext import parse_infotext, read_png_infotext
+from blockmerge.generation.loader import load_pipeline
+from blockmerge.io import file_hashes
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_paths):
+    return load_pipeline(tiny_sd1_paths[0], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_paths):
+    return load_pipeline(tiny_sdxl_paths[0], device="cpu")
+
+
+def _px(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M Karras"])
+def test_batch_of_seeds_equals_one_at_a_time(sd1, sampler):
+    p = GenerationParams(prompt="a red circle", negative_prompt="blue", steps=3, sampler=sampler, seeds=(1, 2, 3),
+                         width=64, height=64)
+    batch = generate(sd1, p)
+    single = [generate(sd1, p, seeds=[s])[0] for s in (1, 2, 3)]
+    for b, s in zip(batch, single, strict=True):
+        assert b.seed == s.seed
+        # Batched convolutions sum in another order: equal up to float rounding, never another image.
+        assert np.abs(_px(b.image) - _px(s.image)).max() <= 1
+        assert (b.latent - s.latent).abs().max().item() < 1e-3
+    # ...and different seeds do give different images
+    assert np.abs(_px(batch[0].image) - _px(batch[1].image)).mean() > 1
+
+
+def test_sdxl_batch_equals_single(sdxl):
+    p = GenerationParams(prompt="a cat", steps=2, seeds=(5, 6), width=64, height=64)
+    batch = generate(sdxl, p)
+    single = generate(sdxl, p, batch_size=1)
+    for b, s in zip(batch, single, strict=True):
+        assert np.abs(_px(b.image) - _px(s.image)).max() <= 1
+
+
+def test_same_seed_same_image_and_prompt_matters(sd1):
+    p = GenerationParams(prompt="a red circle", steps=2, seeds=(7,), width=64, height=64)
+    a, b = generate(sd1, p)[0], generate(sd1, p)[0]
+    assert np.array_equal(_px(a.image), _px(b.image))
+    c = generate(sd1, GenerationParams(prompt="a (red:1.5) circle", steps=2, seeds=(7,), width=64, height=64))[0]
+    assert not np.array_equal(_px(a.image), _px(c.image))
+
+
+def test_png_carries_a1111_infotext(sd1, tmp_path, tiny_sd1_paths):
+    p = GenerationParams(prompt="a red circle,\nsecond line", negative_prompt="blurry", steps=2, cfg_scale=5.5,
+                         seeds=(42,), width=64, height=64, clip_skip=2)
+    img = generate(sd1, p)[0]
+    path = save_png(img, tmp_path / "x.png")
+    info = parse_infotext(read_png_infotext(path))
+    assert info.prompt == "a red circle,\nsecond line" and info.negative_prompt == "blurry"
+    assert (info.steps, info.sampler, info.cfg_scale, info.seed, info.size, info.clip_skip) == (
+        2, "Euler a", 5.5, 42, (64, 64), 2)
+    assert info.model_hash == file_hashes(tiny_sd1_paths[0]).sha256[:10]
+    assert info.model == tiny_sd1_paths[0].stem
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_params_from_the_articles_style_infotext():
+    text = ("masterpiece, 1girl\nNegative prompt: lowres, bad anatomy\nSteps: 40, Sampler: Euler a, CFG scale: 7, "
+            "Seed: 1, Face restoration: CodeFormer, Size: 512x512, Model hash: a9263745")
+    p = GenerationParams.from_infotext(parse_infotext(text), steps=10, seeds=[1, 2, 3, 4])
+    assert (p.steps, p.sampler, p.cfg_scale, p.width, p.height, p.seeds) == (10, "Euler a", 7.0, 512, 512, (1, 2, 3, 4))
+    assert p.negative_prompt == "lowres, bad anatomy"
+    assert "Face restoration" in p.ignored
+
+
+def test_parse_seeds():
+    assert parse_seeds("1-4") == [1, 2, 3, 4]
+    assert parse_seeds("1,2,9") == [1, 2, 9]
+    assert parse_seeds("3") == [3]
+    assert parse_seeds("1-2,7") == [1, 2, 7]
+    for bad in ("x", "4-1", "", "-5"):
+        with pytest.raises(BlockmergeError, match="--seed"):
+            parse_seeds(bad)
+
+
+def test_generate_command(tiny_sd1_paths, tmp_path, capsys):
+    info = tmp_path / "info.txt"
+    info.write_text("a green square\nNegative prompt: red\nSteps: 30, Sampler: DDIM, CFG scale: 6, Seed: 9, "
+                    "Size: 64x64, Face restoration: CodeFormer")
+    out = tmp_path / "imgs"
+    code = main(["generate", str(tiny_sd1_paths[0]), "-o", str(out), "--infotext-file", str(info), "--steps", "2",
+                 "--seed", "3-5", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Face restoration" in captured.err  # warned about, not applied
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3
+    infos = [parse_infotext(read_png_infotext(p)) for p in pngs]
+    assert [i.seed for i in infos] == [3, 4, 5]
+    assert all(i.steps == 2 and i.sampler == "DDIM" and i.cfg_scale == 6 and i.size == (64, 64) for i in infos)
+    assert all("Face restoration" not in i.params for i in infos)
+    assert Image.open(pngs[0]).size == (64, 64)
+    # --from-png reproduces an image exactly
+    again = tmp_path / "again"
+    assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(again), "--from-png", str(pngs[1]), "-q"]) == 0
+    assert np.array_equal(_px(Image.open(next(again.glob("*.png")))), _px(Image.open(pngs[1])))
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [(["--infotext", "x\nSteps: 20, Size: 500x512"], "Size"), (["--infotext", "x\nSteps: abc"], "Steps"),
+     (["--sampler", "Euler z"], "Euler z"), (["--width", "100"], "--width"), (["--seed", "a-b"], "--seed")],
+)
+def test_generate_bad_input(tiny_sd1_paths, tmp_path, capsys, args, msg):
+    code = main(["generate", str(tiny_sd1_paths[0]), "-o", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generation_runs_with_sockets_blocked(tiny_sd1_paths, tmp_path, monkeypatch, capsys):
+    """Loading and generating from a single file never touches the network."""
+    attempts = []
+
+    def refuse(*a, **k):
+        attempts.append(a)
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)  # prove it does not rely on these
+    code = main(["generate", str(tiny_sd1_paths[1]), "-o", str(tmp_path / "o"), "--prompt", "a red circle",
+                 "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+    assert attempts == []
