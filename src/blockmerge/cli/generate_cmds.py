@@ -44,11 +44,10 @@ def _params_from_args(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from ..errors import BlockmergeError
     from ..generation.generate import generate, save_png
     from ..generation.loader import load_pipeline
+    from ..merge.executor import output_dtype
 
     params = _params_from_args(args)  # validate everything before the slow load
     from ..models import resolve_model
@@ -57,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
     model_path = resolve_model(args.model)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) if args.dtype else None
+    dtype = output_dtype(args.dtype) if args.dtype else None
     for f in params.ignored:
         print(f"blockmerge: warning: infotext field {f!r} is not applied (and not written as applied)", file=sys.stderr)
     loaded = load_pipeline(model_path, device=args.device, dtype=dtype, prediction_type=args.prediction_type)

@@ -126,15 +126,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
-    import torch
-
     from ..architectures.synthetic import write_synthetic
     from ..io import check_output_path
+    from ..merge.executor import output_dtype
 
     out = Path(args.output)
     check_output_path(out, [], args.overwrite)
-    dt = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=dt)
+    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=output_dtype(args.dtype))
     if not args.quiet:
         print(f"wrote {out} (synthetic {args.size} {args.arch}, seed {args.seed})")
     return 0
