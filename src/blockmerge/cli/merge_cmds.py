@@ -66,6 +66,17 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from ..inspect import checkpoint_info
 
+    if getattr(args, "recipe", False):
+        from ..errors import BlockmergeError
+        from ..recipes import embedded_recipe
+
+        if len(args.files) != 1:
+            raise BlockmergeError("info --recipe: give one file")
+        text = embedded_recipe(args.files[0])
+        if text is None:
+            raise BlockmergeError(f"{args.files[0]}: has no embedded recipe (it was not made by `blockmerge run`)")
+        sys.stdout.write(text)
+        return 0
     for path in args.files:
         info = checkpoint_info(path, hashes=not args.no_hash)
         if args.json:
@@ -182,6 +193,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large files)")
+    p.add_argument("--recipe", action="store_true",
+                   help="print only the embedded recipe, as a runnable TOML file (for `blockmerge run`)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("hash", help="A1111 model hashes (legacy 8-hex, sha256 and its 10-hex short form)")

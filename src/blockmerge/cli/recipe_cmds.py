@@ -1,0 +1,145 @@
+"""run (recipes), import-mergeboard, compare."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _bindings(items: list[str] | None) -> dict[str, str]:
+    from ..errors import BlockmergeError
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise BlockmergeError(f"--model {item!r}: expected NAME=FILE (e.g. SD15=v1-5-pruned.safetensors)")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..merge import load_presets
+    from ..recipes import run_recipe
+
+    results = run_recipe(
+        args.recipe,
+        output=args.output,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        presets=load_presets(args.presets or []),
+        verify_hashes=not args.no_verify,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+        threads=args.threads,
+    )
+    if args.dry_run:
+        if not args.quiet:
+            print(f"{args.recipe}: OK (names, architectures, weights, output paths"
+                  f"{'' if args.no_verify else ', input hashes'} checked; nothing written)")
+        return 0
+    shown: set[str] = set()
+    for r in results:
+        for w in r.warnings:
+            if w not in shown:
+                shown.add(w)
+                print(f"blockmerge: warning: {w}", file=sys.stderr)
+        if not args.quiet:
+            print(f"wrote {r.output} (step {r.step}, {r.architecture}, {r.n_tensors} tensors, "
+                  f"{r.bytes_written / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_import_mergeboard(args: argparse.Namespace) -> int:
+    from ..errors import BlockmergeError
+    from ..io import check_output_path
+    from ..recipes import mergeboard_to_toml
+
+    src = Path(args.text)
+    try:
+        text = sys.stdin.read() if args.text == "-" else src.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlockmergeError(f"{src}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    toml = mergeboard_to_toml(
+        text, source="stdin" if args.text == "-" else str(src), models=_bindings(args.model),
+        models_dir=args.models_dir, all_outputs=args.all_outputs,
+    )
+    if args.output:
+        out = Path(args.output)
+        check_output_path(out, [], args.overwrite)
+        out.write_text(toml, encoding="utf-8")
+        if not args.quiet:
+            print(f"wrote {out}")
+    else:
+        sys.stdout.write(toml)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import compare, compare_json_text, format_table, heatmap_svg
+    from ..errors import BlockmergeError
+    from ..io import check_output_path
+
+    if args.metric.startswith("change") and not args.base:
+        raise BlockmergeError(f"--metric {args.metric} needs --base C")
+    if args.svg:
+        check_output_path(Path(args.svg), [Path(args.a), Path(args.b)], True, arg="--svg")
+    result = compare(args.a, args.b, args.base, top=args.top, threads=args.threads, progress=not args.quiet)
+    if args.svg:
+        svg = heatmap_svg(result, args.metric)
+        Path(args.svg).write_text(svg, encoding="utf-8")
+    if args.json:
+        sys.stdout.write(compare_json_text(result))
+    else:
+        sys.stdout.write(format_table(result))
+        if args.svg:
+            print(f"\nheat map ({args.metric}): {args.svg}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a merge recipe (TOML): several merges streamed in one pass",
+                       description="Check a recipe completely, then write each output, streaming every tensor "
+                                   "through the whole chain of steps (no temporary files).")
+    p.add_argument("recipe", help="recipe file (.toml); `blockmerge info --recipe FILE` prints a file's own")
+    p.add_argument("-o", "--output", help="output file for a recipe with one output (or none)")
+    p.add_argument("--output-dir", metavar="DIR", help="folder for relative output paths (default: the recipe's)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
+    p.add_argument("--no-verify", action="store_true", help="do not check the inputs' sha256 against the recipe")
+    p.add_argument("--dry-run", action="store_true", help="check everything, write nothing")
+    p.add_argument("--threads", type=int, default=2, help="worker threads for read-ahead (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("import-mergeboard", help="turn a Merge Board text recipe into a blockmerge recipe",
+                       description="Read Merge Board lines ('NAME = A + B, 0.3', 'NAME = A + B + C, 1.0, fp16, "
+                                   "safetensors', __O1__ for line 1's output, # comments) and write TOML.")
+    p.add_argument("text", help="Merge Board recipe text file ('-' for stdin)")
+    p.add_argument("-o", "--output", help="recipe file to write (default: print it)")
+    p.add_argument("--model", action="append", metavar="NAME=FILE",
+                   help="bind a variable (__SD15__ or SD15) or model name to a file; repeatable")
+    p.add_argument("--models-dir", metavar="DIR", help="look for NAME.safetensors / NAME.ckpt here")
+    p.add_argument("--all-outputs", action="store_true",
+                   help="write every line's output, as Merge Board did (default: only the final ones)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_import_mergeboard)
+
+    p = sub.add_parser("compare", help="where two models differ, per component and U-Net block",
+                       description="Relative distance and cosine per text encoder / VAE / block, the most "
+                                   "changed tensors, and with --base C each model's change from C and the "
+                                   "cosine between the two changes. Streaming, low memory.")
+    p.add_argument("a", metavar="A", help="checkpoint A")
+    p.add_argument("b", metavar="B", help="checkpoint B")
+    p.add_argument("--base", metavar="C", help="the model both were fine-tuned from")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--svg", metavar="FILE", help="write the U-shaped heat map of --metric")
+    p.add_argument("--metric", default="distance",
+                   choices=["distance", "cosine", "change_a", "change_b", "change_cosine"],
+                   help="what the heat map shows (change_* need --base; default distance)")
+    p.add_argument("--top", type=int, default=10, help="how many most-changed tensors to list (default 10)")
+    p.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)

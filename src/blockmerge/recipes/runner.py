@@ -1,0 +1,423 @@
+"""Running a recipe: every output tensor is pulled through the whole chain of steps in one pass.
+
+The steps become a graph of lazy :class:`~blockmerge.merge.MergeNode` objects over the input
+files, and each output is written by the merge engine's streaming executor, so a chain of three
+merges holds no intermediate model and writes no temporary file: per key, A and B are read, merged,
+the result fed to the next step with C and D, and only the final tensor is written. A step (or a
+file) used by several later steps is computed (read) once per key, not once per use.
+
+Everything that can fail without arithmetic fails before the first byte is written: the recipe's
+names and cycles (``schema``), then the files, their architectures, the weights of every step, the
+output paths, and last the sha256 of every input that states one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architectures import Architecture
+from ..errors import BlockmergeError
+from ..io import check_output_path, file_hashes, open_checkpoint
+from ..merge.executor import check_position_ids, input_record, output_dtype, output_format, write_hashed
+from ..merge.metadata import build_metadata, read_record
+from ..merge.methods import get_method
+from ..merge.nodes import FileSource, Info, MergeNode, MergeReport, OverlayNode, Source
+from ..merge.presets import PresetBook, load_presets
+from ..merge.weights import BlockWeights, parse_weights
+from .schema import RecipeError, RecipeSpec, check_graph, parse_recipe, step_names, to_toml
+
+EMBED_HEADER = (
+    "blockmerge recipe, as embedded in the file it made (input sha256s are checked before merging).",
+    "Rerun: blockmerge run THIS.toml -o OUTPUT.safetensors   (input paths: relative to this file's folder)",
+    "alpha/beta lists: BASE first, then the blocks IN00.., M00, OUT00.. (blockmerge blocks FILE lists them)",
+)
+
+
+@dataclass
+class Recipe:
+    """A checked recipe and where its relative paths start."""
+
+    spec: RecipeSpec
+    base_dir: Path
+    source: str = "recipe"
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a text file (a recipe is TOML)") from None
+    return Recipe(parse_recipe(text, str(p)), p.resolve().parent, str(p))
+
+
+def recipe_from_text(text: str, base_dir: str | os.PathLike[str] = ".", source: str = "recipe") -> Recipe:
+    return Recipe(parse_recipe(text, source), Path(base_dir).resolve(), source)
+
+
+@dataclass
+class RecipeOutput:
+    """What one output of a recipe run wrote."""
+
+    output: Path
+    step: str
+    architecture: str
+    n_tensors: int
+    bytes_written: int
+    recipe_text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Shared:
+    """A source used by several steps: per key it is computed (or read) once.
+
+    A key's whole chain is computed synchronously by the one worker thread that asked for it, so a
+    thread-local "last key" memo is exactly the sharing needed, and :class:`_Root` drops it as soon
+    as that key is done (no tensor outlives its key). Merge methods never modify their inputs, so
+    handing the same tensor to two consumers is safe.
+    """
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.arch = inner.arch
+        self._local = threading.local()
+
+    def keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def info(self, key: str) -> Info:
+        return self.inner.info(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        memo = getattr(self._local, "memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        t = self.inner.get(key)
+        self._local.memo = (key, t)
+        return t
+
+    def forget(self) -> None:
+        self._local.memo = None
+
+
+class _Root:
+    """The output end of the graph: clears the shared memos of the thread that computed a key."""
+
+    def __init__(self, inner: Source, shared: Sequence[_Shared]) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.arch = inner.arch
+        self.shared = list(shared)
+
+    def keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def info(self, key: str) -> Info:
+        return self.inner.info(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.inner.get(key)
+        finally:
+            for s in self.shared:
+                s.forget()
+
+
+def _canon_weights(w: BlockWeights | None) -> float | list[float] | None:
+    """One number when every block (and BASE) agrees, else the full BASE-first list: the recipe
+    embedded in a file never depends on a preset file or on how the user spelled the weights."""
+    if w is None:
+        return None
+    vals = list(w.values)
+    return vals[0] if all(v == vals[0] for v in vals) else vals
+
+
+@dataclass
+class _Plan:
+    recipe: Recipe
+    arch: Architecture
+    names: list[str]
+    order: list[int]
+    paths: dict[str, Path]
+    files: dict[str, FileSource]
+    nodes: dict[str, Source]
+    weights: dict[str, tuple[BlockWeights, BlockWeights | None]]
+    reports: dict[str, MergeReport]
+    shared: list[_Shared]
+    warnings: list[str]
+
+    def needed(self, step: str, vae: str | None) -> tuple[list[str], list[str]]:
+        """The inputs and steps (in recipe order) that ``step`` depends on."""
+        spec = self.recipe.spec
+        idx = {n: i for i, n in enumerate(self.names)}
+        steps: set[str] = set()
+        inputs: set[str] = {vae} if vae else set()
+        todo = [step]
+        while todo:
+            s = todo.pop()
+            if s in steps:
+                continue
+            steps.add(s)
+            for ref in spec.steps[idx[s]].models:
+                if ref in spec.inputs:
+                    inputs.add(ref)
+                else:
+                    todo.append(ref)
+        return [n for n in spec.inputs if n in inputs], [n for n in self.names if n in steps]
+
+
+def _resolve(recipe: Recipe, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else recipe.base_dir / p
+
+
+def _plan(recipe: Recipe, stack: contextlib.ExitStack, presets: PresetBook | None) -> _Plan:
+    spec, src = recipe.spec, recipe.source
+    names = step_names(spec)
+    order = check_graph(spec, src)
+    model_inputs = {ref for s in spec.steps for ref in s.models if ref in spec.inputs}
+    paths = {n: _resolve(recipe, spec.input(n).path) for n in spec.inputs}
+    files: dict[str, FileSource] = {}
+    for n in spec.inputs:
+        if n not in model_inputs:
+            continue
+        try:
+            fs = FileSource(paths[n], name=f"input {n!r}", keep_ema=spec.input(n).keep_ema)
+        except BlockmergeError as e:
+            raise RecipeError(f"{src}: input {n!r}: {e}") from None
+        stack.callback(fs.close)
+        files[n] = fs
+    # Architectures: every step's models must agree, and with the recipe's stated architecture.
+    arch_of: dict[str, Architecture] = {n: f.arch for n, f in files.items()}
+    for i in order:
+        s, name = spec.steps[i], names[i]
+        first = s.models[0]
+        for ref in s.models[1:]:
+            if arch_of[ref] is not arch_of[first]:
+                raise RecipeError(
+                    f"{src}: step {name!r} (#{i + 1}): {_what(spec, ref)} is {arch_of[ref].name} but "
+                    f"{_what(spec, first)} is {arch_of[first].name}; models of different architectures cannot be merged"
+                )
+        arch_of[name] = arch_of[first]
+    arch = arch_of[names[order[-1]]]
+    for n, a in arch_of.items():
+        if a is not arch:
+            raise RecipeError(f"{src}: {_what(spec, n)} is {a.name} but {_what(spec, names[order[-1]])} is "
+                              f"{arch.name}; a recipe works on one architecture")
+    if spec.architecture is not None and spec.architecture.upper() != arch.name:
+        raise RecipeError(f"{src}: architecture = {spec.architecture!r}, but the inputs are {arch.name}")
+    # Weights and nodes, in dependency order.
+    book = presets if presets is not None else load_presets()
+    uses: dict[str, int] = {}
+    for s in spec.steps:
+        for ref in s.models:
+            uses[ref] = uses.get(ref, 0) + 1
+    shared: dict[str, _Shared] = {}
+
+    def operand(ref: str) -> Source:
+        base: Source = files[ref] if ref in files else nodes[ref]
+        if uses.get(ref, 0) > 1:
+            if ref not in shared:
+                shared[ref] = _Shared(base)
+            return shared[ref]
+        return base
+
+    nodes: dict[str, Source] = {}
+    weights: dict[str, tuple[BlockWeights, BlockWeights | None]] = {}
+    reports: dict[str, MergeReport] = {}
+    warnings: list[str] = []
+    for i in order:
+        s, name = spec.steps[i], names[i]
+        where = f"{src}: step {name!r} (#{i + 1})"
+        m = get_method(s.method)
+        aw = parse_weights(s.alpha, arch, arg=f"{where}: alpha", base=s.base_alpha, keep_a=m.keep_a_alpha,
+                           presets=book)
+        bw = None
+        if m.uses_beta and len(s.models) > 1:
+            bw = parse_weights(s.beta if s.beta is not None else 0.0, arch, arg=f"{where}: beta",
+                               base=s.base_beta, keep_a=m.keep_a_beta, presets=book)
+        try:
+            node = MergeNode(m, [operand(r) for r in s.models], aw, bw, name=f"step {name!r}",
+                             fix_position_ids=s.fix_position_ids)
+        except BlockmergeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        nodes[name], weights[name], reports[name] = node, (aw, bw), node.report
+        first = s.models[0]
+        if first in files:
+            check_position_ids(files[first], node.report, s.fix_position_ids)
+        warnings += [f"step {name!r}: {w}" for w in node.report.warnings]
+        if node.report.only_in_others:
+            warnings.append(f"step {name!r}: {len(node.report.only_in_others)} tensors exist only in its later "
+                            f"models and were left out (e.g. {node.report.only_in_others[0]})")
+    for n, f in files.items():
+        if f.dropped_ema:
+            warnings.append(f"input {n!r}: dropped {f.dropped_ema} model_ema.* tensors (keep_ema = true keeps them)")
+    return _Plan(recipe, arch, names, order, paths, files, nodes, weights, reports, list(shared.values()), warnings)
+
+
+def _what(spec: RecipeSpec, ref: str) -> str:
+    return f"input {ref!r}" if ref in spec.inputs else f"step {ref!r}"
+
+
+def run_recipe(
+    recipe: Recipe | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    presets: PresetBook | None = None,
+    verify_hashes: bool = True,
+    dry_run: bool = False,
+    progress: bool = False,
+    threads: int = 2,
+) -> list[RecipeOutput]:
+    """Check a recipe completely, then write each of its outputs in one streaming pass per output.
+
+    ``output`` replaces the path of a recipe's single output (or adds one for the last step when it
+    has none); ``output_dir`` is where relative output paths go (default: the recipe's folder).
+    ``verify_hashes=False`` skips the sha256 check of inputs that state one; ``dry_run`` does every
+    check and writes nothing (returns an empty list).
+    """
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    spec, src = rec.spec, rec.source
+    names = step_names(spec)
+    outs = [o.model_copy() for o in spec.outputs]
+    if output is not None:
+        if len(outs) > 1:
+            raise RecipeError(f"{src}: has {len(outs)} outputs; -o/--output replaces the path of a single one")
+        if not outs:
+            from .schema import OutputSpec
+
+            outs = [OutputSpec()]
+        outs[0].path = str(output)
+    if not outs:
+        raise RecipeError(f"{src}: no [[outputs]] (add one, or give -o/--output)")
+    out_dir = Path(output_dir) if output_dir is not None else rec.base_dir
+    targets: list[Path] = []
+    for j, o in enumerate(outs):
+        if not o.path:
+            raise RecipeError(f"{src}: output #{j + 1} has no path (give -o/--output)")
+        p = Path(o.path).expanduser()
+        if output is not None and j == 0:
+            targets.append(p)
+        else:
+            targets.append(p if p.is_absolute() else out_dir / p)
+    results: list[RecipeOutput] = []
+    with contextlib.ExitStack() as stack:
+        plan = _plan(rec, stack, presets)
+        all_inputs = list(plan.paths.values())
+        vae_readers: dict[str, Any] = {}
+        for j, (o, target) in enumerate(zip(outs, targets, strict=True)):
+            check_output_path(target, all_inputs, overwrite, arg=f"output #{j + 1}")
+            output_dtype(o.dtype)
+            if o.vae and o.vae not in vae_readers:
+                try:
+                    r = plan.files[o.vae] if o.vae in plan.files else open_checkpoint(plan.paths[o.vae])
+                except BlockmergeError as e:
+                    raise RecipeError(f"{src}: input {o.vae!r}: {e}") from None
+                if o.vae not in plan.files:
+                    stack.callback(r.close)
+                vae_readers[o.vae] = r
+        if verify_hashes:
+            for n in spec.inputs:
+                want = spec.input(n).sha256
+                if want is None:
+                    continue
+                got = file_hashes(plan.paths[n]).sha256
+                if got != want:
+                    raise RecipeError(
+                        f"{src}: input {n!r} ({plan.paths[n]}): sha256 is {got[:12]}…, the recipe expects "
+                        f"{want[:12]}… (the file changed or is another file)"
+                    )
+        if dry_run:
+            return []
+        for o, target in zip(outs, targets, strict=True):
+            step = o.step or names[-1]
+            node: Source = _Root(plan.nodes[step], plan.shared)
+            if o.vae:
+                try:
+                    node = OverlayNode(node, vae_readers[o.vae])
+                except BlockmergeError as e:
+                    raise RecipeError(f"{src}: output {target.name}: vae {o.vae!r}: {e}") from None
+            fmt = output_format(target, o.format)
+            results.append(_write_output(plan, node, target, step, o.dtype, fmt, o.vae, progress, threads))
+    return results
+
+
+def _write_output(
+    plan: _Plan, node: Source, target: Path, step: str, dtype: str, fmt: str, vae: str | None,
+    progress: bool, threads: int,
+) -> RecipeOutput:
+    spec = plan.recipe.spec
+    inputs, steps = plan.needed(step, vae)
+    hash_paths = [plan.paths[n] for n in inputs]
+    idx = {n: i for i, n in enumerate(plan.names)}
+    last = spec.steps[idx[step]]
+    m = get_method(last.method)
+    aw, bw = plan.weights[step]
+
+    def text(hashes: Mapping[Path, Any] | None) -> str:
+        data: dict[str, Any] = {"version": spec.version, "architecture": plan.arch.name, "inputs": {}, "steps": []}
+        for k, n in enumerate(inputs):
+            i = spec.input(n)
+            h = input_record(k, n, plan.paths[n], hashes, None).sha256
+            data["inputs"][n] = {"path": i.path, "sha256": h, "keep_ema": True if i.keep_ema else None}
+        for n in steps:
+            s = spec.steps[idx[n]]
+            w_a, w_b = plan.weights[n]
+            data["steps"].append({
+                "name": n, "method": s.method, "models": list(s.models),
+                "alpha": _canon_weights(w_a), "beta": _canon_weights(w_b),
+                "fix_position_ids": True if s.fix_position_ids else None,
+            })
+        data["outputs"] = [{"step": step, "dtype": dtype, "format": fmt, "vae": vae}]
+        return to_toml(data, EMBED_HEADER)
+
+    record_base = {
+        "method": m.name,
+        "formula": m.formula,
+        "architecture": plan.arch.name,
+        "alpha": aw.as_dict(),
+        "beta": bw.as_dict() if bw else None,
+        "dtype": dtype,
+        "format": fmt,
+        "steps": len(steps),
+    }
+    roles = [r if r in spec.inputs else None for r in last.models]
+
+    def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
+        records = [
+            input_record(k, n, plan.paths[n], hashes, plan.files[n].metadata if n in plan.files else None)
+            for k, n in enumerate(inputs) if n != vae or n in plan.files
+        ]
+        vrec = input_record(inputs.index(vae), vae, plan.paths[vae], hashes, None) if vae else None
+        record = {**record_base, "recipe": text(hashes)}
+        return build_metadata(record, records, a1111_method=m.a1111_name, multiplier=aw["BASE"],
+                              half=dtype == "fp16", vae=vrec, a1111_roles=roles)
+
+    written, final = write_hashed(node, target, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress,
+                                  threads=threads)
+    rec = read_record(final) or {}
+    return RecipeOutput(target, step, plan.arch.name, len(node.keys()), written, str(rec.get("recipe", "")),
+                        final, list(plan.warnings))
+
+
+def embedded_recipe(path: str | os.PathLike[str]) -> str | None:
+    """The recipe text blockmerge embedded in a merged file (None for files without one)."""
+    with open_checkpoint(path) as r:
+        rec = read_record(r.metadata)
+    if not rec or not rec.get("recipe"):
+        return None
+    return str(rec["recipe"])
