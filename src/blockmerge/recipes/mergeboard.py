@@ -51,12 +51,18 @@ def _find(name: str, token: str, models: Mapping[str, str], models_dir: Path | N
     for key in (token, name, f"__{name}__"):
         if key in models:
             return str(models[key])
-    if models_dir is not None:
+    if models_dir is not None and models_dir.is_dir():
+        # case-insensitive, as A1111 finds checkpoints by name
+        files = {p.name.lower(): p for p in sorted(models_dir.iterdir()) if p.is_file()}
         for cand in (name + s for s in ("", *_MODEL_SUFFIXES)):
-            p = models_dir / cand
-            if p.is_file():
-                return str(p)
+            if cand.lower() in files:
+                return str(files[cand.lower()])
     return ""
+
+
+def _is_recipe_line(raw: str) -> bool:
+    line = raw.split("#", 1)[0].strip()
+    return bool(line) and not (line.startswith("_") and "=" not in line)
 
 
 def parse_mergeboard(
@@ -82,6 +88,7 @@ def parse_mergeboard(
     outputs: list[dict[str, Any]] = []
     line_of: list[int] = []
     used: set[str] = set()
+    n_lines = sum(1 for ln in text.splitlines() if _is_recipe_line(ln))
     for lineno, raw in enumerate(text.splitlines(), 1):
         where = f"{source}:{lineno}"
         line = raw.strip()
@@ -129,12 +136,11 @@ def parse_mergeboard(
             sm = _SYSTEM.match(tok)
             if sm:
                 k = int(sm.group(1))
-                if not 1 <= k < n:
-                    raise RecipeError(
-                        f"{where}: {tok} is the output of recipe line {k}, "
-                        + ("which comes later; only earlier lines' outputs can be used" if k >= n
-                           else "which does not exist")
-                    )
+                if not 1 <= k <= n_lines:
+                    raise RecipeError(f"{where}: {tok}: there is no recipe line {k} (the recipe has {n_lines})")
+                if k >= n:
+                    raise RecipeError(f"{where}: {tok} is the output of recipe line {k}, which comes later; "
+                                      "only earlier lines' outputs can be used")
                 ref = steps[k - 1]["name"]
                 used.add(ref)
                 refs.append(ref)

@@ -107,6 +107,14 @@ def step_names(spec: RecipeSpec) -> list[str]:
     return [s.name if s.name else f"O{i + 1}" for i, s in enumerate(spec.steps)]
 
 
+_WEIGHTS = "must be a number, a list of numbers (25/26; SDXL 19/20), a preset name or a spec like 'IN04-IN08=0.5'"
+_EXPECT = {
+    "alpha": _WEIGHTS,
+    "beta": _WEIGHTS,
+    "inputs": 'must be a path ("model.safetensors") or a table { path = "...", sha256 = "..." }',
+}
+
+
 def _loc(loc: Sequence[int | str], data: Mapping[str, Any]) -> str:
     """A pydantic error location as the user reads their file: ``step 'mix' (#2) alpha``."""
     parts = list(loc)
@@ -141,12 +149,19 @@ def recipe_from_data(data: Mapping[str, Any], source: str = "recipe") -> RecipeS
     try:
         spec = RecipeSpec.model_validate(dict(data))
     except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        errs = e.errors()
+        where = _loc(errs[0]["loc"], data)
+        # A union (alpha: number | list | text) fails once per member: one message for all of them.
+        same = [x for x in errs if _loc(x["loc"], data) == where]
+        rest = len(errs) - len(same)
+        more = f" (and {rest} more)" if rest else ""
+        msg = errs[0]["msg"]
+        if errs[0]["type"] == "extra_forbidden":
             msg = "unknown field"
-        raise RecipeError(f"{source}: {_loc(err['loc'], data)}: {msg}{more}") from None
+        elif len(same) > 1:
+            field = next((str(p) for p in reversed(errs[0]["loc"]) if isinstance(p, str) and not _is_union_tag(p)), "")
+            msg = _EXPECT.get(field if field in _EXPECT else str(errs[0]["loc"][0]), msg)
+        raise RecipeError(f"{source}: {where}: {msg}{more}") from None
     if spec.version != RECIPE_VERSION:
         raise RecipeError(f"{source}: version {spec.version} is not supported (this blockmerge reads version 1)")
     check_graph(spec, source)
