@@ -1,0 +1,413 @@
+"""Sweeps: one variant per block (scaled, bypassed, swapped) or named custom merges, same prompts and
+seeds for all, on a pipeline loaded once.
+
+The runner applies each variant in place (:mod:`.inplace`), generates every prompt's seeds as one
+batch, restores the block, and records everything in a :class:`~.results.SweepResult`
+(``sweep.json``) that the metrics and the report read.
+
+Resumable: an image's file name ends in a hash of everything that determines it (model and donor
+hashes, the variant's edit, the prompt's generation parameters, the seed, device and dtype), so
+rerunning the same sweep into the same folder reuses every image already made, and changing a
+parameter makes new ones instead of silently mixing.
+
+Fast on a CPU: the text encoder runs once per prompt (embeddings are reused by every variant
+that leaves the text encoder alone), seeds are batched, the VAE encoder never runs, and the
+pipeline is never copied: a variant costs a copy of the one block it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..architectures import BASE, Architecture
+from ..errors import BlockmergeError
+from ..merge.methods import get_method
+from ..merge.presets import PresetBook
+from ..merge.weights import BlockWeights, parse_weights
+from .inplace import BypassEdit, Edit, InPlaceModel, MergeEdit
+from .results import SweepResult, Variant
+
+__all__ = [
+    "DEFAULT_SEEDS",
+    "PlannedVariant",
+    "bypass_variants",
+    "custom_variant",
+    "parse_blocks",
+    "prompt_params",
+    "run_sweep",
+    "scale_variants",
+    "swap_variants",
+]
+
+DEFAULT_SEEDS = (1, 2, 3, 4)
+# Bump when the image file naming or the meaning of a cache key changes.
+CACHE_VERSION = 1
+#: Appended to the label of a bypass that cannot be exact (the notes say why).
+APPROX = " (approx.)"
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    """A variant as the report sees it (:class:`Variant`) plus what it does to the weights."""
+
+    variant: Variant
+    edit: Edit | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Variant builders
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_blocks(spec: str | Sequence[str] | None, arch: Architecture, arg: str = "--blocks") -> list[str]:
+    """A block subset in the weight-spec id grammar (``IN04-IN08,M00``, ``OUT``, ``ALL``), block order.
+
+    Reuses :func:`parse_weights` (every name it accepts is accepted here) rather than a second parser.
+    """
+    if spec is None:
+        return list(arch.block_ids)
+    items = [t for t in re.split(r"[,\s]+", spec if isinstance(spec, str) else ",".join(spec)) if t]
+    if not items:
+        raise BlockmergeError(f"{arg}: no blocks given")
+    w = parse_weights("0," + ",".join(f"{t}=1" for t in items), arch, arg=arg)
+    if w[BASE] == 1:
+        raise BlockmergeError(f"{arg}: BASE is not a block a sweep can vary one at a time")
+    return [b for b in arch.block_ids if w[b] == 1]
+
+
+def _only(arch: Architecture, block: str, value: float, rest: float) -> BlockWeights:
+    return BlockWeights.from_mapping(arch, {b: (value if b == block else rest) for b in arch.all_ids})
+
+
+def scale_variants(arch: Architecture, blocks: Sequence[str], ks: Sequence[float] = (0.75,)) -> list[PlannedVariant]:
+    """For each k and block: that block's tensors times k, every other block (and BASE) untouched.
+
+    The article's experiment 2 (``M_A = 0.75, M_B = 0``), as the merge engine's ``scaled_sum``.
+    """
+    out = []
+    for k in ks:
+        for b in blocks:
+            out.append(PlannedVariant(Variant.scale(b, k), MergeEdit("scaled_sum", _only(arch, b, float(k), 1.0))))
+    return out
+
+
+def bypass_variants(blocks: Sequence[str]) -> list[PlannedVariant]:
+    """For each block: its residual branches add zero (see :mod:`.bypass` for what cannot be exact)."""
+    return [PlannedVariant(Variant.bypass(b), BypassEdit(b)) for b in blocks]
+
+
+def swap_variants(arch: Architecture, blocks: Sequence[str], donor: str, ratio: float = 1.0) -> list[PlannedVariant]:
+    """For each block: that block from ``donor`` (at ``ratio``; 1 = the donor's block), the rest from
+    the loaded model. The merge engine's ``weighted_sum`` with α = ratio on that block only."""
+    out = []
+    r = float(ratio)
+    for b in blocks:
+        v = Variant.swap(b, donor)
+        if r != 1.0:
+            v = Variant(f"{v.id}:{r:g}", "swap", b, {"donor": donor, "ratio": r}, f"{b} {r:g}×{donor}")
+        out.append(PlannedVariant(v, MergeEdit("weighted_sum", _only(arch, b, r, 0.0), donors=(donor,))))
+    return out
+
+
+def custom_variant(
+    name: str,
+    arch: Architecture,
+    alpha: str | float | Sequence[float] | BlockWeights,
+    *,
+    method: str | None = None,
+    beta: str | float | Sequence[float] | BlockWeights | None = None,
+    donors: Sequence[str] = (),
+    presets: PresetBook | None = None,
+) -> PlannedVariant:
+    """A named variant from a full weight spec (number, list, preset, ``IN04-IN08=0.5``...).
+
+    ``method`` defaults to ``weighted_sum`` with a donor (α = the donor's share per block, as in
+    ``blockmerge merge``) and ``scaled_sum`` without one (α = the factor per block).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._+-]{1,60}", name or ""):
+        raise BlockmergeError(f"--custom {name!r}: names are 1-60 letters, digits, '.', '_', '+' or '-'")
+    m = get_method(method or ("weighted_sum" if donors else "scaled_sum"))
+    n = 1 + len(donors)
+    if not m.min_models <= n <= m.max_models:
+        raise BlockmergeError(f"--custom {name}: {m.name} needs {m.min_models}-{m.max_models} models, got {n}")
+    aw = parse_weights(alpha, arch, arg=f"--custom {name}", keep_a=m.keep_a_alpha, presets=presets)
+    bw = None
+    if m.uses_beta and n > 1:
+        bw = parse_weights(beta if beta is not None else 0.0, arch, arg=f"--custom {name} beta",
+                           keep_a=m.keep_a_beta, presets=presets)
+    params: dict[str, Any] = {"method": m.name, "alpha": ",".join(f"{v:g}" for v in aw.values)}
+    if bw is not None:
+        params["beta"] = ",".join(f"{v:g}" for v in bw.values)
+    if donors:
+        params["donors"] = ",".join(donors)
+    v = Variant(f"custom:{name}", "custom", None, params, name, group="custom")
+    return PlannedVariant(v, MergeEdit(m.name, aw, bw, tuple(donors)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_params(prompt: Any, seeds: Sequence[int], overrides: Mapping[str, Any] | None = None) -> Any:
+    """A prompt given as A1111 infotext (or as :class:`GenerationParams`) -> the parameters it is made with.
+
+    ``overrides`` (steps, width, ...; None values ignored) win over the infotext; the sweep's seeds
+    always replace an infotext's ``Seed``.
+    """
+    from ..generation.generate import GenerationParams
+    from ..generation.infotext import parse_infotext
+
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(prompt, GenerationParams):
+        return replace(prompt, **ov, seeds=tuple(seeds)).checked()
+    info = parse_infotext(str(prompt), source="prompt", require_params=False)
+    return GenerationParams.from_infotext(info, **ov, seeds=tuple(seeds))
+
+
+def _prompt_text(params: Any, width: int, height: int) -> str:
+    """The infotext describing a prompt of the sweep (no seed: the sweep's seeds are listed apart)."""
+    from ..generation.infotext import format_infotext
+
+    info = params.infotext(0, width=width, height=height)
+    info.params.pop("Seed", None)
+    info.params.pop("Version", None)
+    return format_infotext(info)
+
+
+def _gen_key(params: Any, width: int, height: int) -> dict[str, Any]:
+    skip = {"seeds", "ignored", "width", "height"}
+    d = {f.name: getattr(params, f.name) for f in fields(params) if f.name not in skip}
+    d["width"], d["height"] = width, height
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")[:60] or "x"
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _model_id(loaded: Any) -> str:
+    # The file's sha256 identifies the weights; without it (hash_file=False) path + size + mtime.
+    if loaded.sha256:
+        return loaded.sha256
+    st = os.stat(loaded.path)
+    return f"{Path(loaded.path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _save_latent(path: Path, latent: Any) -> None:
+    from ..io import atomic_write
+
+    with atomic_write(path) as f:
+        np.save(f, latent.numpy().astype(np.float32), allow_pickle=False)
+
+
+class _Progress:
+    """A tqdm bar over all images of the sweep (cached ones counted at once), with ETA."""
+
+    def __init__(self, total: int, done: int, enabled: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="img", desc=desc, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        if postfix is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_sweep(
+    model: Any,
+    variants: Sequence[PlannedVariant],
+    prompts: Sequence[Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    donors: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    save_latents: bool = True,
+    progress: bool = True,
+    inplace: InPlaceModel | None = None,
+    model_name: str | None = None,
+    on_variant: Callable[[PlannedVariant, float], None] | None = None,
+) -> SweepResult:
+    """Generate every (variant, prompt, seed) image into ``out_dir`` and return the sweep description
+    (also written as ``out_dir/sweep.json``).
+
+    ``model`` is a :class:`~blockmerge.generation.loader.LoadedModel` (loaded once; its weights are
+    restored bit-exactly after each variant). ``donors`` are loaded models that swap / custom
+    variants take blocks from, by the names their edits use. ``prompts`` are A1111 infotext
+    strings (or :class:`GenerationParams`); ``overrides`` (e.g. ``{"steps": 20}``) apply to all.
+    A baseline variant is added first when absent. ``inplace`` reuses an :class:`InPlaceModel`
+    (its block map) across sweeps on the same model.
+    """
+    from ..generation.generate import encode_prompts, generate, save_png
+
+    t_start = time.perf_counter()
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise BlockmergeError("--seeds: no seeds given")
+    if len(set(seeds)) != len(seeds):
+        raise BlockmergeError("--seeds: a seed is given twice")
+    if not prompts:
+        raise BlockmergeError("sweep: give at least one prompt")
+    donors = dict(donors or {})
+    ipm = inplace if inplace is not None else InPlaceModel(model, donors)
+    if ipm.loaded is not model:
+        raise BlockmergeError("sweep: the in-place model wraps a different loaded model")
+    for name, d in donors.items():
+        if name not in ipm.donors:
+            ipm.add_donor(name, d)
+    planned = list(variants)
+    if not any(p.variant.kind == "baseline" for p in planned):
+        planned.insert(0, PlannedVariant(Variant.baseline(), None))
+    for p in planned:
+        if isinstance(p.edit, MergeEdit):
+            for n in p.edit.donors:
+                if n not in ipm.donors:
+                    raise BlockmergeError(f"variant {p.variant.id}: model {n!r} was not given as a donor")
+    arch: Architecture = model.architecture
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    gparams = [prompt_params(p, seeds, overrides) for p in prompts]
+    sizes = [(g.width or model.resolution, g.height or model.resolution) for g in gparams]
+    prompt_texts = [_prompt_text(g, w, h) for g, (w, h) in zip(gparams, sizes, strict=True)]
+    name = model_name or Path(model.path).stem
+    result = SweepResult(arch.name, list(arch.block_ids), prompt_texts, seeds, [p.variant for p in planned],
+                         root=out)
+    notes: dict[str, str] = {}
+    for j, p in enumerate(planned):
+        if isinstance(p.edit, BypassEdit):
+            plan = ipm.bypass_plan(p.edit.block)
+            notes[p.variant.id] = plan.describe()
+            if not plan.exact and not p.variant.label.endswith(APPROX):
+                planned[j] = PlannedVariant(replace(p.variant, label=p.variant.label + APPROX), p.edit)
+    result.variants = [p.variant for p in planned]
+    result.validate()
+
+    base_key = {"cache": CACHE_VERSION, "model": _model_id(model), "device": str(model.device.type),
+                "dtype": str(model.dtype)}
+    donor_ids = {n: _model_id(d) for n, d in donors.items()}
+
+    def image_paths(p: PlannedVariant, i: int, seed: int) -> tuple[str, str]:
+        edit = p.edit.key() if p.edit is not None else None
+        used = sorted(p.edit.donors) if isinstance(p.edit, MergeEdit) else []
+        key = {**base_key, "edit": edit, "donors": {n: donor_ids.get(n) for n in used},
+               "gen": _gen_key(gparams[i], *sizes[i]), "seed": seed}
+        stem = f"images/{_slug(p.variant.id)}/p{i}-s{seed}-{_digest(key)}"
+        return stem + ".png", stem + ".npy"
+
+    todo: list[tuple[PlannedVariant, int, list[int]]] = []
+    n_total = len(planned) * len(prompts) * len(seeds)
+    n_cached = 0
+    for p in planned:
+        for i in range(len(prompts)):
+            missing = []
+            for s in seeds:
+                png, lat = image_paths(p, i, s)
+                if (out / png).is_file() and (not save_latents or (out / lat).is_file()):
+                    n_cached += 1
+                else:
+                    missing.append(s)
+            if missing:
+                todo.append((p, i, missing))
+
+    base_emb: dict[int, Any] = {}
+    bar = _Progress(n_total, n_cached, progress, f"sweep {name}")
+    timings = {"generate_s": 0.0, "switch_s": 0.0, "encode_s": 0.0}
+    try:
+        by_variant: dict[str, list[tuple[int, list[int]]]] = {}
+        for p, i, missing in todo:
+            by_variant.setdefault(p.variant.id, []).append((i, missing))
+        for p in planned:
+            jobs = by_variant.get(p.variant.id)
+            if not jobs:
+                continue
+            t0 = time.perf_counter()
+            with ipm.applied(p.edit):
+                timings["switch_s"] += time.perf_counter() - t0
+                fresh_text = p.edit is not None and ipm.touches_text_encoder(p.edit)
+                for i, missing in jobs:
+                    t1 = time.perf_counter()
+                    if fresh_text:
+                        emb = encode_prompts(model, gparams[i])
+                    else:
+                        if i not in base_emb:  # the edit leaves the text encoder as loaded
+                            base_emb[i] = encode_prompts(model, gparams[i])
+                        emb = base_emb[i]
+                    timings["encode_s"] += time.perf_counter() - t1
+                    extra = {"Blockmerge variant": p.variant.label}
+                    if p.variant.kind == "baseline":
+                        extra = {"Blockmerge variant": "baseline"}
+
+                    def save(img: Any, p: PlannedVariant = p, i: int = i) -> None:
+                        png, lat = image_paths(p, i, img.seed)
+                        (out / png).parent.mkdir(parents=True, exist_ok=True)
+                        if save_latents:
+                            _save_latent(out / lat, img.latent)
+                        save_png(img, out / png)  # last: a PNG present means the pair is complete
+                        bar.update(1, p.variant.label)
+
+                    t2 = time.perf_counter()
+                    generate(model, gparams[i], seeds=missing, batch_size=batch_size, embeddings=emb,
+                             extra_infotext=extra, on_image=save)
+                    timings["generate_s"] += time.perf_counter() - t2
+                t3 = time.perf_counter()
+            timings["switch_s"] += time.perf_counter() - t3
+            if on_variant is not None:
+                on_variant(p, time.perf_counter() - t0)
+    finally:
+        bar.close()
+
+    from .results import ImageRecord
+
+    for p in planned:
+        for i in range(len(prompts)):
+            for s in seeds:
+                png, lat = image_paths(p, i, s)
+                if (out / png).is_file():
+                    result.images.append(ImageRecord(p.variant.id, i, s, png, lat if save_latents else None))
+    result.meta.update({
+        "model": name,
+        "model_file": Path(model.path).name,
+        "model_hash": model.short_hash,
+        "donors": {n: {"model": Path(d.path).stem, "model_hash": d.short_hash} for n, d in donors.items()},
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "blockmerge": __version__,
+        "notes": notes,
+        "images_made": n_total - n_cached,
+        "images_reused": n_cached,
+        "timings": {**{k: round(v, 3) for k, v in timings.items()},
+                    "total_s": round(time.perf_counter() - t_start, 3)},
+    })
+    result.validate()
+    result.save()
+    return result
