@@ -39,11 +39,11 @@ from .merge.nodes import FileSource, is_weight
 CHUNK = 1 << 20
 METRICS = {
     # name: (GroupStats field, title, higher value means more difference)
-    "distance": ("rel_distance", "relative distance ||A-B|| / ||A||", True),
-    "cosine": ("cosine", "cosine similarity of A and B", False),
-    "change_a": ("change_a", "change of A from the base ||A-C|| / ||C||", True),
-    "change_b": ("change_b", "change of B from the base ||B-C|| / ||C||", True),
-    "change_cosine": ("change_cosine", "cosine between the changes (A-C)·(B-C)", False),
+    "distance": ("rel_distance", "‖A−B‖ / ‖A‖", True),
+    "cosine": ("cosine", "cos(A, B)", False),
+    "change_a": ("change_a", "‖A−C‖ / ‖C‖", True),
+    "change_b": ("change_b", "‖B−C‖ / ‖C‖", True),
+    "change_cosine": ("change_cosine", "cos(A−C, B−C)", False),
 }
 _SUMS = ("aa", "bb", "ab", "dd", "cc", "xa", "xb", "xab")
 
@@ -275,7 +275,9 @@ def heatmap_svg(r: CompareResult, metric: str = "distance", title: str | None = 
     """The U-shaped heat map of one metric (the sweep report's layout), components in the top row."""
     blocks, comps = r.values(metric)
     _, label, higher = METRICS[metric]
-    name = title or f"{Path(r.a).name} vs {Path(r.b).name}: {label}"
+    pair = f"{Path(r.a).stem} vs {Path(r.b).stem}"
+    # the map is ~380 px wide: the file names only where they fit beside the metric
+    name = title or (f"{label}: {pair}" if len(pair) + len(label) <= 44 else label)
     return u_heatmap_svg(r.block_ids, blocks, name, extra=comps, higher_is_more=higher)
 
 
