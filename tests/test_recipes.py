@@ -408,3 +408,19 @@ def test_cli_output_override_and_errors(sd1, tmp_path: Path, capsys) -> None:
     assert "has no embedded recipe" in capsys.readouterr().err
     assert embedded_recipe(tmp_path / "x.safetensors") is not None
     assert load_recipe(r).spec.steps[0].alpha == 0.5
+
+
+def test_import_rewrites_relative_paths_for_the_recipe_folder(sd1, tmp_path: Path, monkeypatch) -> None:
+    """--model paths start at the current folder; the recipe's start at its own: rewritten."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    board = write(tmp_path, "board.txt", "out = __A__ + __B__, 0.5, fp16, safetensors\n")
+    assert main(["import-mergeboard", str(board), "-o", "recipes/board.toml", "-q",
+                 "--model", "A=a.safetensors", "--model", "B=b.safetensors"]) == 0
+    spec = tomllib.loads((tmp_path / "recipes" / "board.toml").read_text())
+    assert spec["inputs"] == {"A": {"path": "../a.safetensors"}, "B": {"path": "../b.safetensors"}}
+    assert main(["run", "recipes/board.toml", "-q"]) == 0
+    ref = tmp_path / "ref.safetensors"
+    merge([sd1[0], sd1[1]], ref, alpha=0.5)
+    got, want = load_file(tmp_path / "recipes" / "out.safetensors"), load_file(ref)
+    assert all(torch.equal(got[k], want[k]) for k in want)

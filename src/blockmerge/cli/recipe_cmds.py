@@ -64,6 +64,7 @@ def cmd_import_mergeboard(args: argparse.Namespace) -> int:
     toml = mergeboard_to_toml(
         text, source="stdin" if args.text == "-" else str(src), models=_bindings(args.model),
         models_dir=args.models_dir, all_outputs=args.all_outputs,
+        relative_to=Path(args.output).parent if args.output else None,
     )
     if args.output:
         out = Path(args.output)

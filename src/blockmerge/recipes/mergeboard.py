@@ -185,10 +185,21 @@ def mergeboard_to_toml(
     models: Mapping[str, str] | None = None,
     models_dir: str | os.PathLike[str] | None = None,
     all_outputs: bool = False,
+    relative_to: str | os.PathLike[str] | None = None,
 ) -> str:
-    """Merge Board text as a blockmerge recipe (TOML text), with the variables' notes as comments."""
+    """Merge Board text as a blockmerge recipe (TOML text), with the variables' notes as comments.
+
+    ``relative_to``: the folder the recipe will be saved in. A recipe's relative paths start at
+    its own folder, while the paths given here (``models``, ``models_dir``) start at the current
+    one, so they are rewritten to be relative to that folder.
+    """
     data, notes = parse_mergeboard(text, source=source, models=models, models_dir=models_dir,
                                    all_outputs=all_outputs)
+    if relative_to is not None:
+        here = Path.cwd()
+        for v in data["inputs"].values():
+            if v["path"] and not Path(v["path"]).expanduser().is_absolute():
+                v["path"] = os.path.relpath(here / v["path"], Path(relative_to).resolve())
     check = {**data, "inputs": {k: {"path": v["path"] or "unset"} for k, v in data["inputs"].items()}}
     recipe_from_data(check, source)  # names, references and cycles are right before we write anything
     header = [f"blockmerge recipe imported from Merge Board text ({Path(source).name})."]
