@@ -140,7 +140,8 @@ def _build_data(result: SweepResult, table: MetricsTable, shown: list[Metric], i
         gv = [v for v in result.group_variants(g) if v.block is not None]
         cells[g] = {}
         for v in gv:
-            cells[g][v.block] = {"variant": v.id, "label": v.label, "imgs": imgs_of(v.id), "v": {}, "vals": []}
+            cells[g][v.block] = {"variant": v.id, "label": v.label, "imgs": imgs_of(v.id), "v": {}, "vals": [],
+                                 "note": _notes(result).get(v.id, "")}
         # Tint: per (prompt, metric), normalised over the blocks of this group.
         for p in [*range(n_p), None]:
             pk = "all" if p is None else str(p)
@@ -213,9 +214,10 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
             all_txt = "all prompts: " + cell["v"]["all"][m0][0] if m0 else ""
             vals = cell["vals"][0]
             var_attr = f' data-variant="{_esc(cell["variant"])}"'
+        note = _notes(result).get(cell["variant"], "") if cell is not None else ""
         cells.append(
             f'<div class="cell" data-block="{b}"{var_attr} style="grid-row:{r};grid-column:{c};{style}">'
-            f'<div class="head"><span class="block">{b}</span>'
+            f'<div class="head"><span class="block" title="{_esc(note)}">{b}</span>'
             f'<span class="metric-value" title="{_esc(title_attr)}">{_esc(val)}</span>'
             f'<span class="metric-all">{_esc(all_txt)}</span></div>'
             f'<div class="imgs">{inner}</div><div class="vals">{_esc(vals)}</div></div>'
@@ -235,7 +237,7 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
 <body>
 <header><h1>{_esc(title)}</h1>
 <p class="sub">{_esc(_subtitle(result))}</p>
-<nav><a href="index.html">U view</a><a href="table.html">table of all numbers</a><a href="results.json">results.json</a><a href="results.csv">results.csv</a></nav>
+<nav><a href="index.html">U view</a><a href="table.html">table of all numbers</a><a href="results.json">results.json</a><a href="results.csv">results.csv</a>{_extra_links(result)}</nav>
 <div class="controls">
 <label>Variants <select id="group">{group_opts}</select></label>
 <label>Prompt <select id="prompt">{prompt_opts}</select></label>
@@ -254,6 +256,38 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
 <script src="report.js"></script>
 </body></html>
 """
+
+
+def _extra_links(result: SweepResult) -> str:
+    """Links a sweep asks for in ``meta["links"]`` (``[[text, relative href], ...]``), e.g. the demo's
+    reverse-swap report."""
+    out = []
+    for item in result.meta.get("links") or []:
+        try:
+            text, href = item
+        except (TypeError, ValueError):
+            continue
+        out.append(f'<a href="{_esc(href)}">{_esc(text)}</a>')
+    return "".join(out)
+
+
+def _notes(result: SweepResult) -> dict[str, str]:
+    """Per-variant notes (``meta["notes"]``: what a bypass really does where it cannot be exact)."""
+    notes = result.meta.get("notes") or {}
+    return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
+
+
+def _notes_section(result: SweepResult) -> str:
+    notes = _notes(result)
+    if not notes:
+        return ""
+    vmap = {v.id: v for v in result.variants}
+    rows = "".join(f"<tr><td>{_esc(vmap[k].label if k in vmap else k)}</td><td>{_esc(v)}</td></tr>"
+                   for k, v in notes.items())
+    return ("<h2>What each variant really does</h2><p class=\"desc\">Bypass zeroes every residual branch of the "
+            "block (exact where the skip path is the identity); where that is impossible the closest honest "
+            "substitute is used and listed here.</p>"
+            f'<table id="notes"><thead><tr><th>variant</th><th>note</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
 def _subtitle(result: SweepResult) -> str:
@@ -310,7 +344,7 @@ def _render_table(result: SweepResult, table: MetricsTable, shown: list[Metric],
 <link rel="stylesheet" href="report.css"></head>
 <body>
 <header><h1>{_esc(title)}: all numbers</h1><p class="sub">{_esc(_subtitle(result))}</p>
-<nav><a href="index.html">U view</a><a href="table.html">table of all numbers</a><a href="results.json">results.json</a><a href="results.csv">results.csv</a></nav>
+<nav><a href="index.html">U view</a><a href="table.html">table of all numbers</a><a href="results.json">results.json</a><a href="results.csv">results.csv</a>{_extra_links(result)}</nav>
 <p class="desc">Click a column heading to sort. Mean ± sample std over seeds (and prompts); every image is compared with the baseline image of the same prompt and seed.</p></header>
 <h2>Blocks ranked, most change first (mean over all prompts and seeds)</h2>
 <table id="ranking"><thead><tr><th>group</th><th>metric</th><th>blocks</th></tr></thead><tbody>{"".join(rank_rows)}</tbody></table>
@@ -320,6 +354,7 @@ def _render_table(result: SweepResult, table: MetricsTable, shown: list[Metric],
 <table class="sortable" id="per-prompt"><thead><tr>{vh}<th>prompt</th><th>n</th>{heads}</tr></thead><tbody>{per_prompt}</tbody></table>
 <h2>Per image</h2>
 <table class="sortable" id="per-image"><thead><tr>{vh}<th>prompt</th><th>seed</th>{heads}</tr></thead><tbody>{per_image}</tbody></table>
+{_notes_section(result)}
 <h2>Prompts</h2><ol start="0">{prompts}</ol>
 <script src="report.js"></script>
 </body></html>

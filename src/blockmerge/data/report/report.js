@@ -41,6 +41,8 @@
       if (b === "baseline") { fillImages(el, DATA.baseline.imgs[p], "baseline"); continue; }
       var c = (DATA.cells[g] || {})[b];
       var mv = el.querySelector(".metric-value");
+      var bl = el.querySelector(".block");
+      if (bl) bl.title = (c && c.note) || "";
       fillImages(el, c ? c.imgs[p] : [], b);
       if (!c) {
         mv.textContent = "not run"; mv.title = "";

@@ -1,0 +1,191 @@
+"""sweep, demo, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from ..errors import BlockmergeError
+
+    prompts = list(args.prompt or [])
+    for f in args.prompt_file or []:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except OSError as e:
+            raise BlockmergeError(f"--prompt-file {f}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise BlockmergeError(f"--prompt-file {f}: not UTF-8 text") from None
+        # One infotext per file, or several separated by a line holding only "---".
+        parts = [p.strip() for p in text.replace("\r\n", "\n").split("\n---\n")]
+        prompts += [p for p in parts if p]
+    if not prompts:
+        raise BlockmergeError("give at least one --prompt (A1111 infotext) or --prompt-file")
+    return prompts
+
+
+def _custom(text: str) -> tuple[str, str]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name.strip() or not spec.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SPEC, e.g. gradv=GRAD_V")
+    return name.strip(), spec.strip()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..errors import BlockmergeError
+    from ..experiments.report import write_report
+    from ..experiments.sweep import (
+        bypass_variants,
+        custom_variant,
+        parse_blocks,
+        run_sweep,
+        scale_variants,
+        swap_variants,
+    )
+    from ..generation.generate import parse_seeds
+    from ..generation.loader import load_pipeline
+    from ..merge import load_presets
+    from ..merge.executor import output_dtype
+    from ..models import resolve_model
+
+    prompts = _read_prompts(args)
+    seeds = parse_seeds(args.seeds, "--seeds")
+    if not (args.scale or args.bypass or args.swap or args.custom):
+        raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap or --custom NAME=SPEC")
+    if (args.swap or args.reverse) and not args.donor:
+        raise BlockmergeError("--swap / --reverse need --donor MODEL (the model blocks are taken from)")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
+    dtype = output_dtype(args.dtype) if args.dtype else None
+    presets = load_presets(args.presets or [])
+    path_a = resolve_model(args.model)
+    model = load_pipeline(path_a, device=args.device, dtype=dtype)
+    arch = model.architecture
+    blocks = parse_blocks(args.blocks, arch)
+    donor_name = None
+    donors = {}
+    if args.donor:
+        path_b = resolve_model(args.donor)
+        donor_name = path_b.stem if args.donor != path_b.stem else args.donor
+        if donor_name == path_a.stem:
+            donor_name += "-donor"
+        donors[donor_name] = load_pipeline(path_b, device=args.device, dtype=dtype)
+    variants = []
+    if args.scale:
+        variants += scale_variants(arch, blocks, args.scale)
+    if args.bypass:
+        variants += bypass_variants(blocks)
+    if args.swap:
+        for r in args.swap_ratio or [1.0]:
+            variants += swap_variants(arch, blocks, donor_name, r)
+    for name, spec in args.custom or []:
+        variants.append(custom_variant(name, arch, spec, method=args.method,
+                                       donors=(donor_name,) if donor_name else (), presets=presets))
+    overrides = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
+                 "width": args.width, "height": args.height}
+    result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,
+                       batch_size=args.batch_size, progress=not args.quiet, model_name=path_a.stem)
+    if not args.no_report:
+        index = write_report(out, result)
+        print(f"report: {index}")
+    if args.reverse:
+        b = donors[donor_name]
+        rev = run_sweep(b, swap_variants(arch, blocks, path_a.stem, (args.swap_ratio or [1.0])[0]), prompts,
+                        out / "reverse", seeds=seeds, donors={path_a.stem: model}, overrides=overrides,
+                        batch_size=args.batch_size, progress=not args.quiet, model_name=donor_name)
+        if not args.no_report:
+            print(f"reverse report: {write_report(out / 'reverse', rev)}")
+    m = result.meta
+    print(f"{len(result.images)} images in {out} ({m['images_made']} made, {m['images_reused']} reused)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..experiments.demo import demo_config, run_demo
+
+    res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device)
+    print(f"report: {res.index}")
+    if res.reverse_index:
+        print(f"reverse swap report: {res.reverse_index}")
+    print(f"open it in a browser: file://{res.index.resolve()}  ({res.timings['total_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..experiments.report import write_report
+    from ..experiments.results import SweepResult
+
+    result = SweepResult.load(Path(args.folder))
+    index = write_report(Path(args.output) if args.output else result.root, result)
+    print(f"report: {index}")
+    return 0
+
+
+def _float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="one variant per block (scaled, bypassed, swapped) or custom merges, U-shaped report",
+        description="Load MODEL once; for each block render the same prompts and seeds with that block changed "
+                    "in place (restored bit-exactly after), then write the U-shaped report with metrics. "
+                    "Rerunning into the same folder reuses the images already made.")
+    p.add_argument("model", help="checkpoint file or bundled model name (tiny-a)")
+    p.add_argument("-o", "--output", required=True, help="output folder (images, sweep.json, report)")
+    p.add_argument("--prompt", action="append", metavar="INFOTEXT",
+                   help="A1111 infotext (prompt, 'Negative prompt:' line, 'Steps: ..' line); repeatable")
+    p.add_argument("--prompt-file", action="append", metavar="FILE",
+                   help="file of infotexts separated by lines of '---' (e.g. copied from PNG Info)")
+    p.add_argument("--seeds", default="1-4", help="seeds, e.g. 1-4 or 1,5,9 (default 1-4)")
+    p.add_argument("--blocks", metavar="IDS", help="block subset, e.g. IN04-IN08,M00 or OUT (default all)")
+    p.add_argument("--scale", type=_float, action="append", metavar="K",
+                   help="each block times K, the rest untouched (repeatable: --scale 0.75 --scale 0)")
+    p.add_argument("--bypass", action="store_true", help="each block bypassed (its residual branches add zero)")
+    p.add_argument("--donor", metavar="MODEL", help="model B for --swap / --custom / --reverse")
+    p.add_argument("--swap", action="store_true", help="each block taken from --donor, the rest from MODEL")
+    p.add_argument("--swap-ratio", type=_float, action="append", metavar="R",
+                   help="take the block at ratio R: (1-R)·A + R·B (default 1; repeatable)")
+    p.add_argument("--reverse", action="store_true", help="also the reverse swap (donor with each block from MODEL)")
+    p.add_argument("--custom", type=_custom, action="append", metavar="NAME=SPEC",
+                   help="a named variant from a full weight spec (preset, list, 'IN04-IN08=0.5'); repeatable")
+    p.add_argument("--method", choices=["weighted_sum", "scaled_sum"],
+                   help="method of --custom (default weighted_sum with --donor, else scaled_sum)")
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
+    p.add_argument("--steps", type=int, help="override the infotexts' Steps")
+    p.add_argument("--sampler", help="override the infotexts' Sampler")
+    p.add_argument("--cfg-scale", type=_float, help="override the infotexts' CFG scale")
+    p.add_argument("--width", type=int, help="override the image width")
+    p.add_argument("--height", type=int, help="override the image height")
+    p.add_argument("--batch-size", type=int, help="seeds per batch (default all seeds of a prompt)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-report", action="store_true", help="only make the images and sweep.json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("demo", help="the article's experiment on the bundled models, as a U-shaped report",
+                       description="On the bundled tiny models: each of the 25 blocks scaled by 0.75, bypassed, "
+                                   "and swapped between the two models; seeds 1-4. Prints where the report is.")
+    p.add_argument("-o", "--output", default="blockmerge-demo", help="output folder (default ./blockmerge-demo)")
+    p.add_argument("--quick", action="store_true", help="one prompt, seeds 1-2, 8 steps (a first look)")
+    p.add_argument("--device", help="cpu, cuda ... (default: CUDA if available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="(re)write the report of a sweep folder from its sweep.json")
+    p.add_argument("folder", help="a sweep folder (with sweep.json)")
+    p.add_argument("-o", "--output", help="report folder (default: the sweep folder)")
+    p.set_defaults(func=cmd_report)
