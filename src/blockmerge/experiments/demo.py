@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,16 @@ DEMO_PROMPTS = (
     "a large red circle on the left, white background",
     "a small blue triangle at the top, gray background",
 )
+# The article rendered one prompt; so does the demo (a second prompt doubles the time). Sweeps take
+# any number of prompts and the report switches between them.
+DEMO_N_PROMPTS = 1
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     model_a: str = "tiny-a"
     model_b: str = "tiny-b"
-    prompts: tuple[str, ...] = tuple(f"{p}\n{DEMO_PARAMS}" for p in DEMO_PROMPTS)
+    prompts: tuple[str, ...] = tuple(f"{p}\n{DEMO_PARAMS}" for p in DEMO_PROMPTS[:DEMO_N_PROMPTS])
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     k: float = 0.75
     blocks: str | None = None  # a subset (weight-spec grammar) or all blocks
@@ -75,14 +78,18 @@ def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, 
     from .sweep import parse_blocks
 
     cfg = config or DemoConfig()
-    if cfg.model_a == "tiny-a" and cfg.model_b == "tiny-b":
-        name_a, name_b = _default_names()
-    else:
-        name_a, name_b = cfg.model_a, cfg.model_b
+    if cfg.model_a == DemoConfig.model_a and cfg.model_b == DemoConfig.model_b:
+        cfg = replace(cfg, model_a=_default_names()[0], model_b=_default_names()[1])
+    path_a, path_b = resolve_model(cfg.model_a), resolve_model(cfg.model_b)
+    # Bundled models go by their names, files by their stems (the names in labels and infotexts).
+    name_a = cfg.model_a if str(cfg.model_a) != str(path_a) else path_a.stem
+    name_b = cfg.model_b if str(cfg.model_b) != str(path_b) else path_b.stem
+    if name_a == name_b:
+        raise BlockmergeError(f"demo: models A and B are both {name_a!r}; give two different models")
     out = Path(out_dir)
     t0 = time.perf_counter()
-    a = load_pipeline(resolve_model(name_a), device=device)
-    b = load_pipeline(resolve_model(name_b), device=device)
+    a = load_pipeline(path_a, device=device)
+    b = load_pipeline(path_b, device=device)
     arch = a.architecture
     blocks = parse_blocks(cfg.blocks, arch)
     t_load = time.perf_counter() - t0
