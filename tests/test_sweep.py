@@ -177,6 +177,7 @@ def test_sweep_and_report_commands(tiny_sd1_paths, tmp_path: Path, capsys) -> No
     assert len(res.images) == 1 + 2 * 3 + 1
     html = (out / "index.html").read_text()
     assert html.count('class="cell"') == 26
+    assert html.count('class="cell custom" data-variant="custom:g"') == 1  # its own row, outside the U
     (out / "index.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "index.html").is_file()

@@ -162,7 +162,18 @@ def _build_data(result: SweepResult, table: MetricsTable, shown: list[Metric], i
                     cells[g][v.block]["vals"].append(
                         " · ".join(f"{m.label} {format_value(a.mean[m.key])}" for m in shown) if a else ""
                     )
+    custom = []
+    for v in result.variants:
+        if v.kind == "baseline" or v.block is not None:
+            continue
+        vals = []
+        for p in range(n_p):
+            a = aggs.get((v.id, p))
+            vals.append(" · ".join(f"{m.label} {format_value(a.mean[m.key])}" for m in shown) if a else "")
+        custom.append({"variant": v.id, "label": v.label, "group": v.group, "imgs": imgs_of(v.id), "vals": vals,
+                       "desc": ", ".join(f"{k}: {val}" for k, val in v.params.items())})
     return {
+        "custom": custom,
         "groups": result.groups(),
         "prompts": list(result.prompts),
         "seeds": list(result.seeds),
@@ -187,6 +198,23 @@ def _render_imgs(imgs: Sequence[dict[str, Any] | None], seeds: Sequence[int], bl
                 f'<img src="{_esc(im["src"])}" alt="{_esc(block)} seed {s}" title="seed {s}"></a>'
             )
     return "".join(parts)
+
+
+def _render_custom(data: dict[str, Any], seeds: Sequence[int]) -> str:
+    """Variants that change no single block (custom weight specs) have no place in the U: a row of
+    their own, same images and numbers as the cells (the table ranks them too)."""
+    if not data["custom"]:
+        return ""
+    cells = []
+    for c in data["custom"]:
+        cells.append(
+            f'<div class="cell custom" data-variant="{_esc(c["variant"])}"><div class="head">'
+            f'<span class="block" title="{_esc(c["desc"])}">{_esc(c["label"])}</span></div>'
+            f'<div class="imgs">{_render_imgs(c["imgs"][0], seeds, c["label"])}</div>'
+            f'<div class="vals">{_esc(c["vals"][0])}</div></div>'
+        )
+    return ('<section><h2>Custom variants (several blocks changed; not part of the U)</h2>'
+            f'<div class="custom-row">{"".join(cells)}</div></section>')
 
 
 def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric], title: str) -> str:
@@ -249,6 +277,7 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
 <main class="u" style="grid-template-rows:repeat({n_rows},auto)">
 {chr(10).join(cells)}
 </main>
+{_render_custom(data, result.seeds)}
 <section><h2>Heat map (mean over all prompts and seeds)</h2>
 <img id="heatmap" src="{_esc(hm)}" alt="U heat map of the selected metric"></section>
 <div id="lightbox" hidden><img alt="full size"><div class="caption"></div></div>

@@ -59,6 +59,13 @@
       el.querySelector(".vals").textContent = c.vals[p];
       el.setAttribute("data-variant", c.variant);
     }
+    var customs = document.querySelectorAll(".cell.custom[data-variant]");
+    for (var k = 0; k < customs.length && DATA.custom; k++) {
+      var cv = DATA.custom[k];
+      if (!cv || cv.variant !== customs[k].getAttribute("data-variant")) continue;
+      fillImages(customs[k], cv.imgs[p], cv.label);
+      customs[k].querySelector(".vals").textContent = cv.vals[p];
+    }
     var hm = byId("heatmap");
     if (hm && DATA.heatmaps[g] && DATA.heatmaps[g][m]) hm.src = DATA.heatmaps[g][m];
     byId("prompt-text").textContent = DATA.prompts[p];
