@@ -33,6 +33,17 @@ def _custom(text: str) -> tuple[str, str]:
     return name.strip(), spec.strip()
 
 
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        from ..errors import BlockmergeError
+
+        if args.threads < 1:
+            raise BlockmergeError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..errors import BlockmergeError
     from ..experiments.report import write_report
@@ -52,6 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     seeds = parse_seeds(args.seeds, "--seeds")
+    _threads(args)
     if not (args.scale or args.bypass or args.swap or args.custom):
         raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap or --custom NAME=SPEC")
     if (args.swap or args.reverse) and not args.donor:
@@ -107,6 +119,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..experiments.demo import demo_config, run_demo
 
+    _threads(args)
     res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device)
     print(f"report: {res.index}")
     if res.reverse_index:
@@ -173,6 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-report", action="store_true", help="only make the images and sweep.json")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default torch's; 1 is often faster on a busy 2-core machine)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
@@ -181,6 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and swapped between the two models; seeds 1-4. Prints where the report is.")
     p.add_argument("-o", "--output", default="blockmerge-demo", help="output folder (default ./blockmerge-demo)")
     p.add_argument("--quick", action="store_true", help="one prompt, seeds 1-2, 8 steps (a first look)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default torch's; 1 is often faster on a busy 2-core machine)")
     p.add_argument("--device", help="cpu, cuda ... (default: CUDA if available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
