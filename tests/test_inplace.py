@@ -19,7 +19,7 @@ from blockmerge.generation.loader import load_pipeline
 from blockmerge.merge import merge, parse_weights
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Two cores shared with other jobs: one thread avoids OpenMP oversubscription stalls.
     n = torch.get_num_threads()
