@@ -119,6 +119,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..experiments.demo import demo_config, run_demo
 
+    if args.threads is None and (args.device or "cpu").startswith("cpu"):
+        # The bundled models are so small that a U-Net step is dispatch-bound: a second thread gains
+        # little, and on a shared 2-core machine two OpenMP threads can stall each other badly.
+        import torch
+
+        if not torch.cuda.is_available() or args.device:
+            args.threads = 1
     _threads(args)
     res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device)
     print(f"report: {res.index}")
@@ -197,7 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="blockmerge-demo", help="output folder (default ./blockmerge-demo)")
     p.add_argument("--quick", action="store_true", help="one prompt, seeds 1-2, 8 steps (a first look)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch CPU threads (default torch's; 1 is often faster on a busy 2-core machine)")
+                   help="torch CPU threads (default 1 on CPU: the tiny models gain little from more)")
     p.add_argument("--device", help="cpu, cuda ... (default: CUDA if available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
