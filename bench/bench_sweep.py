@@ -135,7 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", default="tiny-a", help="tiny model (bundled name or file)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the switch timings (default 1)")
-    ap.add_argument("--demo-threads", type=int, nargs="+", default=[0], help="torch threads for the demo (0 = torch's default)")
+    ap.add_argument("--demo-threads", type=int, nargs="+", default=[1],
+                    help="torch threads for the demo (default 1, as `blockmerge demo` on CPU; 0 = torch's default)")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--no-write", action="store_true")
