@@ -316,6 +316,7 @@ def run_child(contender: str, a: Path, b: Path, out: Path, arch_name: str, threa
 
 
 def bench_arch(arch_name: str, scratch: Path, repeat: int, log: Callable[[str], None]) -> dict:
+    """Generate the pair, run every contender ``repeat`` times, verify the outputs, clean up."""
     a, b, gen_s = generate(scratch, arch_name)
     in_bytes = a.stat().st_size + b.stat().st_size
     log(f"[{arch_name}] inputs ready ({common.fmt_bytes(in_bytes)}, {gen_s:.0f} s)")
@@ -332,16 +333,17 @@ def bench_arch(arch_name: str, scratch: Path, repeat: int, log: Callable[[str], 
     runs: list[Run] = []
     for rep in range(repeat):
         for contender, threads, out in plan:
-            if contender == "load-everything":
-                # Two models + the output buffer must fit, or the kernel kills something (maybe
-                # another helper's process) instead of giving us a number.
-                need = int(in_bytes * 1.6)
-                avail = common.mem_available()
-                if avail and avail < need:
-                    skipped[contender] = (f"not run: needs about {common.fmt_bytes(need)} of RAM, "
-                                          f"{common.fmt_bytes(avail)} available")
-                    log(f"[{arch_name}] load-everything skipped ({skipped[contender]})")
-                    continue
+            # What each contender holds at its peak must fit, or the kernel kills something
+            # (maybe another process on a shared machine) instead of giving us a number:
+            # load-everything holds both models and a serialized copy of the output, sd-mecha
+            # keeps its output tensors until the end (3.8 GB for SD1.5).
+            need = {"load-everything": in_bytes * 1.6, "sd-mecha": in_bytes * 0.5 + 2e9}.get(contender, 0)
+            avail = common.mem_available()
+            if contender in skipped or (avail and avail < need):
+                skipped.setdefault(contender, f"not run: needs about {common.fmt_bytes(need)} of RAM, "
+                                              f"{common.fmt_bytes(avail)} was available")
+                log(f"[{arch_name}] {contender} skipped ({skipped[contender]})")
+                continue
             common.warm_read([a, b])
             r = run_child(contender, a, b, out, arch_name, threads, cache)
             runs.append(r)
@@ -377,11 +379,13 @@ def _ratio(x: float, y: float | None) -> str:
     return f"{x / y:.2f}x" if y else "n/a"
 
 
-def render(results: Sequence[dict], info: dict[str, str], repeat: int, notes: Sequence[str]) -> str:
+def render(results: Sequence[dict], info: dict[str, str], notes: Sequence[str]) -> str:
     lines = [
         "Same block-weighted `weighted_sum` of two synthetic full-size fp16 checkpoints (real key names "
-        "and shapes, random values), each contender in its own process under `/usr/bin/time -v`; "
-        f"best wall time of {repeat} run(s) per contender, inputs in the page cache. "
+        "and shapes, random values), each contender in its own process under `/usr/bin/time -v` (wall = "
+        "\"Elapsed (wall clock)\", peak RSS = \"Maximum resident set size\"); the fastest of the repeats "
+        "per contender, inputs read once before each run so all find them in the page cache. blockmerge's "
+        "time includes hashing both inputs (sha256, for its metadata; hash cache emptied before each run). "
         "Reproduce: `python bench/bench_merge.py` (see bench/README.md).",
         "",
         "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()),
@@ -391,8 +395,11 @@ def render(results: Sequence[dict], info: dict[str, str], repeat: int, notes: Se
         arch_name, runs = res["arch"], res["runs"]
         title = {"sd1": "SD1.5", "sdxl": "SDXL"}[arch_name]
         spec = SD1_SPEC if arch_name == "sd1" else "V gradient over 19 blocks (1 → 0 at M00 → 1)"
+        n_rep = max((sum(1 for r in runs if (r.contender, r.threads) == key) for key in {(r.contender, r.threads) for r in runs}),
+                    default=0)
         lines += [f"### {title} pair ({common.fmt_bytes(res['in_bytes'])} of inputs, "
-                  f"{common.fmt_bytes(res['out_bytes'])} output; α = {spec}, BASE {BASE_ALPHA})", ""]
+                  f"{common.fmt_bytes(res['out_bytes'])} output; α = {spec}, BASE {BASE_ALPHA}; "
+                  f"best of {n_rep})", ""]
         bm = _best(runs, "blockmerge", 2)
         mecha = _best(runs, "sd-mecha")
         load = _best(runs, "load-everything")
@@ -408,7 +415,7 @@ def render(results: Sequence[dict], info: dict[str, str], repeat: int, notes: Se
             load_s = f"{r.m.load_before:.1f} → {r.m.load_after:.1f}"
             rows.append([label, f"{r.m.wall_s:.1f}", f"{r.m.cpu_s:.1f}", common.fmt_bytes(r.m.max_rss), load_s])
         for c, why in res["skipped"].items():
-            rows.append([c, why, "", "", ""])
+            rows.append([{"load-everything": "load-everything (load_file + save_file)"}.get(c, c), why, "", "", ""])
         lines += [common.md_table(["contender", "wall s", "CPU s (user+sys)", "peak RSS", "load avg before → after"],
                                   rows), ""]
         if bm is not None:
@@ -417,11 +424,13 @@ def render(results: Sequence[dict], info: dict[str, str], repeat: int, notes: Se
             if mecha:
                 r = bm.m.wall_s / mecha.m.wall_s
                 checks.append(f"wall vs sd-mecha **{r:.2f}x** (target ≤ {t_mecha}x: {'met' if r <= t_mecha else 'MISSED'})"
+                              f"; CPU time vs sd-mecha {_ratio(bm.m.cpu_s, mecha.m.cpu_s)}"
                               f"; peak RSS vs sd-mecha {_ratio(bm.m.max_rss, mecha.m.max_rss)}")
             if load:
                 r = bm.m.wall_s / load.m.wall_s
                 checks.append(f"wall vs load-everything **{r:.2f}x** (target ≤ {t_load}x: "
-                              f"{'met' if r <= t_load else 'MISSED'}); peak RSS vs load-everything "
+                              f"{'met' if r <= t_load else 'MISSED'}); CPU time vs load-everything "
+                              f"{_ratio(bm.m.cpu_s, load.m.cpu_s)}; peak RSS vs load-everything "
                               f"{_ratio(bm.m.max_rss, load.m.max_rss)}")
             checks.append(f"peak RSS **{common.fmt_bytes(bm.m.max_rss)}** (target ≤ {common.fmt_bytes(t_rss)}: "
                           f"{'met' if bm.m.max_rss <= t_rss else 'MISSED'})")
@@ -455,7 +464,8 @@ def parent(args: argparse.Namespace) -> int:
     results = []
     try:
         for arch_name in archs:
-            results.append(bench_arch(arch_name, scratch, args.repeat, log))
+            repeat = args.repeat_sdxl if arch_name == "sdxl" and args.repeat_sdxl else args.repeat
+            results.append(bench_arch(arch_name, scratch, repeat, log))
             if not args.keep_inputs:
                 for p in scratch.glob(f"{arch_name}_full_seed*.safetensors"):
                     p.unlink()
@@ -468,7 +478,7 @@ def parent(args: argparse.Namespace) -> int:
         notes.append(f"the machine was shared with other work (1-min load average up to {max_load:.1f} on "
                      f"{os.cpu_count()} cores): wall times are inflated and noisy; CPU seconds are the steadier "
                      "number.")
-    text = render(results, info, args.repeat, notes)
+    text = render(results, info, notes)
     print("\n" + text)
     if not args.no_write:
         common.write_results_section(SECTION, text)
@@ -482,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also benchmark the SDXL pair (~14 GB of inputs)")
     p.add_argument("--scratch", help="directory for the synthetic files and outputs (default: a new one in /tmp)")
     p.add_argument("--repeat", type=int, default=1, help="runs per contender; the fastest is reported")
+    p.add_argument("--repeat-sdxl", type=int, help="runs per contender for the SDXL pair (default: --repeat)")
     p.add_argument("--keep-inputs", action="store_true", help="keep the synthetic inputs for the next run")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument("--note", action="append", help="a line to add under the results")
