@@ -21,9 +21,10 @@ from .sweep import DEFAULT_SEEDS, bypass_variants, run_sweep, scale_variants, sw
 __all__ = ["DemoConfig", "DemoResult", "demo_config", "run_demo"]
 
 # The article's A1111 parameters (Steps 40, Euler a, CFG 7, 512x512) with the bundled models'
-# own size (64x64) and 20 steps: Euler a at 20 steps is how A1111 users usually render, and it
-# keeps the whole demo within 3 minutes on 2 CPU cores (40 steps doubles the U-Net time).
-DEMO_PARAMS = "Steps: 20, Sampler: Euler a, CFG scale: 7, Size: 64x64"
+# own size (64x64) and 15 steps. The U-Net is 80% of the demo's time (bench/RESULTS.md), so steps
+# are the knob: 15 keeps the whole demo (102 variants x 4 seeds) within 3 minutes on a busy 2-core
+# CPU (20 steps took 221 s wall / 112 CPU s at load average 5; 40 would double that).
+DEMO_PARAMS = "Steps: 15, Sampler: Euler a, CFG scale: 7, Size: 64x64"
 DEMO_PROMPTS = (
     "a large red circle on the left, white background",
     "a small blue triangle at the top, gray background",
