@@ -80,6 +80,11 @@ class PickleReader:
     def get(self, key: str) -> torch.Tensor:
         return self._sd[key]
 
+    def read_range(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        dest = out[: hi - lo]
+        dest.copy_(self._sd[key].reshape(-1)[lo:hi])
+        return dest
+
     def close(self) -> None:
         self._sd = {}
 

@@ -129,16 +129,29 @@ class SafetensorsReader:
 
     def get(self, key: str) -> torch.Tensor:
         info = self._tensors[key]
-        buf = bytearray(info.nbytes)
-        if info.nbytes:
-            got = os.preadv(self._f.fileno(), [buf], info.offset)
-            if got != info.nbytes:
-                raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
-        if info.dtype == torch.bool:
-            return torch.frombuffer(buf, dtype=torch.uint8).to(torch.bool).reshape(info.shape)
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        # Read straight into the tensor's own (uninitialised) storage: no zero-fill, no extra copy.
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        got = os.preadv(self._f.fileno(), [memoryview(raw.numpy())], info.offset)
+        if got != info.nbytes:
+            raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        if info.dtype == torch.bool:
+            return raw.to(torch.bool).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def read_range(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``lo:hi`` of the flattened tensor, read into ``out`` (a contiguous 1-D tensor of
+        the tensor's dtype and at least ``hi - lo`` elements, reused by the caller); returns the view."""
+        info = self._tensors[key]
+        item = _itemsize(info.dtype)
+        dest = out[: hi - lo]
+        n = (hi - lo) * item
+        if n:
+            got = os.preadv(self._f.fileno(), [memoryview(dest.view(torch.uint8).numpy())], info.offset + lo * item)
+            if got != n:
+                raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        return dest
 
     def close(self) -> None:
         self._f.close()
@@ -204,6 +217,21 @@ class SafetensorsStreamWriter:
         if t.numel():
             self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
+
+    def write_part(self, key: str, part: torch.Tensor, last: bool) -> None:
+        """Write the next consecutive elements of ``key`` (a flat slice); ``last`` closes the tensor,
+        whose byte count must then be complete."""
+        want_key, dtype, _ = self._entries[self._next]
+        if key != want_key or part.dtype != dtype:
+            raise RuntimeError(f"stream writer expected {want_key} {dtype}, got a part of {key} {part.dtype}")
+        if part.numel():
+            self._f.write(memoryview(part.contiguous().view(torch.uint8).numpy()))
+        self._part_bytes = getattr(self, "_part_bytes", 0) + part.numel() * part.element_size()
+        if last:
+            if self._part_bytes != self._sizes[self._next][1]:
+                raise RuntimeError(f"stream writer got {self._part_bytes} bytes for {key}, expected {self._sizes[self._next][1]}")
+            self._part_bytes = 0
+            self._next += 1
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace the metadata after the tensors are written (used to fill in input hashes computed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import threading
 from collections import deque
@@ -26,12 +27,13 @@ from ..errors import BlockmergeError
 from ..io import SafetensorsStreamWriter, atomic_write, check_output_path, file_hashes
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
-from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Source, is_weight
+from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight
 from .presets import PresetBook, load_presets
 from .weights import BlockWeights, parse_weights
 
 OUT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-LOOKAHEAD = 3
+LOOKAHEAD = 4
+SLICE = 1 << 22  # elements per slice: 8 MiB of fp16, 16 MiB of float32 scratch per operand
 
 
 def output_dtype(name: str) -> torch.dtype:
@@ -53,27 +55,91 @@ def _cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if is_weight(key, t.dtype) and t.dtype != dtype else t
 
 
-def iter_tensors(source: Source, keys: Sequence[str], threads: int = 2):
-    """Yield ``(key, tensor)`` in ``keys`` order, computing up to LOOKAHEAD tensors ahead."""
+@dataclass(frozen=True)
+class _Task:
+    key: str
+    lo: int  # element range of the flat tensor; whole tensor when ``whole``
+    hi: int
+    last: bool
+    whole: bool
+
+
+def _plan_tasks(
+    source: Source, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], out_dt: torch.dtype
+) -> list[_Task]:
+    """Slices for the weights of sliceable sources; everything else (ints, position ids, channel-
+    partial merges) as whole tensors."""
+    tasks: list[_Task] = []
+    can = getattr(source, "sliceable", None)
+    for key, dt, shape in entries:
+        n = _numel(shape)
+        if can is not None and n > 0 and dt == out_dt and can(key):
+            for lo in range(0, n, SLICE):
+                hi = min(n, lo + SLICE)
+                tasks.append(_Task(key, lo, hi, hi == n, False))
+        else:
+            tasks.append(_Task(key, 0, n, True, True))
+    return tasks
+
+
+class _Worker:
+    """Computes tasks into output buffers from a bounded pool; one Scratch per thread."""
+
+    def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int) -> None:
+        self.source = source
+        self.out_dt = out_dt
+        self.local = threading.local()
+        self.pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for _ in range(n_buffers):
+            self.pool.put(torch.empty(SLICE, dtype=out_dt))
+
+    def run(self, t: _Task) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if t.whole:
+            return _cast(t.key, self.source.get(t.key), self.out_dt), None
+        scratch = getattr(self.local, "scratch", None)
+        if scratch is None:
+            scratch = self.local.scratch = Scratch(SLICE)
+        result = self.source.get_range(t.key, t.lo, t.hi, scratch)  # type: ignore[attr-defined]
+        buf = self.pool.get()
+        view = buf[: t.hi - t.lo]
+        view.copy_(result)
+        return view, buf
+
+
+def _run_tasks(worker: _Worker, tasks: Sequence[_Task], threads: int):
+    """Yield ``(task, tensor, buffer)`` in task order, computing up to LOOKAHEAD tasks ahead."""
     if threads <= 1:
-        for k in keys:
-            yield k, source.get(k)
+        for t in tasks:
+            yield (t, *worker.run(t))
         return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blockmerge") as pool:
-        pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
-        it = iter(keys)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blockmerge") as ex:
+        pending: deque[tuple[_Task, Future]] = deque()
         try:
-            for k in it:
-                pending.append((k, pool.submit(source.get, k)))
+            for t in tasks:
+                pending.append((t, ex.submit(worker.run, t)))
                 if len(pending) >= LOOKAHEAD:
-                    key, fut = pending.popleft()
-                    yield key, fut.result()
+                    task, fut = pending.popleft()
+                    yield (task, *fut.result())
             while pending:
-                key, fut = pending.popleft()
-                yield key, fut.result()
+                task, fut = pending.popleft()
+                yield (task, *fut.result())
         finally:
             for _, fut in pending:
                 fut.cancel()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """One intra-op thread: the slices are too small for OpenMP to pay (its spinning threads burned
+    3x the CPU of the arithmetic on a busy 2-core machine), and worker threads use the cores."""
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
 
 
 def write_source(
@@ -89,8 +155,11 @@ def write_source(
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
+    Floating tensors of sources that can slice are computed and written in slices of ``SLICE``
+    elements through reused buffers, so memory stays flat whatever the tensor sizes. Slices are
+    written in a fixed order, so the bytes never depend on ``threads``.
     ``finalize_metadata``, if given, is called after the tensors are written and must return metadata
-    of exactly the header length of ``metadata`` (fixed-width hashes computed meanwhile).
+    no longer than ``metadata`` (fixed-width hashes computed meanwhile).
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
@@ -104,24 +173,31 @@ def write_source(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge {out.name}",
         disable=not progress, file=sys.stderr, leave=False,
     )
+    ckpt = output_format(out, fmt) == "ckpt"
+    tasks = _plan_tasks(source, entries, out_dt) if not ckpt else [_Task(k, 0, 0, True, True) for k, _, _ in entries]
+    worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1)
     try:
-        if output_format(out, fmt) == "ckpt":
-            sd: dict[str, torch.Tensor] = {}
-            for k, t in iter_tensors(source, keys, threads):
-                sd[k] = _cast(k, t, out_dt).contiguous()
-                bar.update(sd[k].numel() * sd[k].element_size())
+        with _torch_threads(1):
+            if ckpt:
+                sd: dict[str, torch.Tensor] = {}
+                for t, tensor, _ in _run_tasks(worker, tasks, threads):
+                    sd[t.key] = tensor.contiguous()
+                    bar.update(tensor.numel() * tensor.element_size())
+                with atomic_write(out) as f:
+                    torch.save({"state_dict": sd}, f)
+                return total
             with atomic_write(out) as f:
-                torch.save({"state_dict": sd}, f)
-            return total
-        with atomic_write(out) as f:
-            writer = SafetensorsStreamWriter(f, entries, metadata)
-            for k, t in iter_tensors(source, keys, threads):
-                c = _cast(k, t, out_dt)
-                writer.write(k, c)
-                bar.update(c.numel() * c.element_size())
-            writer.finish()
-            if finalize_metadata is not None:
-                writer.rewrite_metadata(finalize_metadata())
+                writer = SafetensorsStreamWriter(f, entries, metadata)
+                for t, tensor, buf in _run_tasks(worker, tasks, threads):
+                    if t.whole:
+                        writer.write(t.key, tensor)
+                    else:
+                        writer.write_part(t.key, tensor, t.last)
+                        worker.pool.put(buf)  # type: ignore[arg-type]
+                    bar.update(tensor.numel() * tensor.element_size())
+                writer.finish()
+                if finalize_metadata is not None:
+                    writer.rewrite_metadata(finalize_metadata())
         return total
     finally:
         bar.close()

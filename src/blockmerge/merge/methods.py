@@ -1,8 +1,11 @@
 """Merge methods: small pure functions on tensors, registered by name.
 
-A method never reads files; the executor streams tensors through it. Inputs arrive already upcast
-to float32 (or float64 when an input is float64), so every method computes in float32 or wider
-whatever the storage dtype.
+A method never reads files; the executor streams tensors through it. Each method is an in-place
+kernel over operands already converted into scratch buffers of the compute dtype: float32, or
+float64 when an input is float64, whatever the storage dtype. Why in place: on a CPU, fresh
+allocations for every intermediate cost more (page faults) than the arithmetic itself; the
+executor reuses its buffers slice after slice. ``MergeMethod.fn`` is the same arithmetic on whole
+tensors that leaves its inputs untouched, for callers that hold their own tensors (sweeps).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-MethodFn = Callable[[Sequence[torch.Tensor], float, float], torch.Tensor]
+# A kernel computes in place: its operands are scratch copies of one float dtype that it may
+# overwrite, and it returns the one holding the result.
+Kernel = Callable[[list[torch.Tensor], float, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,13 @@ class MergeMethod:
     # The weights that reproduce model A exactly; blocks not named in a readable spec get these.
     keep_a_alpha: float
     keep_a_beta: float
-    fn: MethodFn
+    kernel: Kernel
     a1111_name: str
+
+    def fn(self, tensors: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+        """The method on whole tensors of any float dtype; inputs untouched, result in float32 (or float64)."""
+        ct = compute_dtype(*(t.dtype for t in tensors))
+        return self.kernel([t.to(dtype=ct, copy=True) for t in tensors], alpha, beta)
 
     def is_identity(self, alpha: float, beta: float, n_models: int) -> bool:
         """True when the result is exactly A, so the executor can copy A without arithmetic."""
@@ -35,21 +45,21 @@ class MergeMethod:
         return alpha == 0.0
 
 
-def weighted_sum(t: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    a, b = t[0], t[1]
-    out = a.mul(1.0 - alpha)
-    out.add_(b, alpha=alpha)
-    return out
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when an operand is float64: never narrower than float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def add_difference(t: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    a, b, c = t[0], t[1], t[2]
-    diff = b.sub(c)
-    return diff.mul_(alpha).add_(a)
+def weighted_sum(t: list[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    return t[0].mul_(1.0 - alpha).add_(t[1], alpha=alpha)
 
 
-def scaled_sum(t: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    out = t[0].mul(alpha)
+def add_difference(t: list[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    return t[1].sub_(t[2]).mul_(alpha).add_(t[0])
+
+
+def scaled_sum(t: list[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    out = t[0].mul_(alpha)
     if len(t) > 1:
         out.add_(t[1], alpha=beta)
     return out

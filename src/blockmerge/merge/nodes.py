@@ -19,10 +19,30 @@ import torch
 from ..architectures import EMA_PREFIX, Architecture, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import CheckpointReader, open_checkpoint
-from .methods import MergeMethod
+from .methods import MergeMethod, compute_dtype
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
+
+
+class Scratch:
+    """Reusable buffers for one worker thread, by name, grown as needed and never freed mid-merge.
+
+    Why: a fresh tensor per intermediate costs a page fault per 4 KiB on first touch, which on a CPU
+    costs several times the arithmetic (measured: fp16 -> fp32 into a new tensor 0.21 s, into a
+    reused one 0.024 s for 50 M values). Slices of every tensor go through the same few buffers.
+    """
+
+    def __init__(self, min_numel: int = 0) -> None:
+        self._bufs: dict[object, torch.Tensor] = {}
+        self.min_numel = min_numel
+
+    def get(self, name: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self._bufs.get(name)
+        if t is None or t.dtype != dtype or t.numel() < numel:
+            t = torch.empty(max(numel, self.min_numel), dtype=dtype)
+            self._bufs[name] = t
+        return t[:numel]
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,10 @@ class Info:
 
 
 class Source(Protocol):
+    """A lazy checkpoint. Sources may also offer ``get_range(key, lo, hi, scratch)`` (elements
+    ``lo:hi`` of the flattened tensor, possibly a view into ``scratch`` valid until the source's
+    next call with it) and ``sliceable(key)``; the executor then streams large tensors in slices."""
+
     name: str
     arch: Architecture
 
@@ -43,10 +67,6 @@ class Source(Protocol):
 def is_weight(key: str, dtype: torch.dtype) -> bool:
     """Tensors that are merged: floating point, and not index buffers such as CLIP's position_ids."""
     return dtype.is_floating_point and not key.endswith("position_ids")
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 class FileSource:
@@ -75,6 +95,13 @@ class FileSource:
 
     def get(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
+
+    def sliceable(self, key: str) -> bool:
+        return True
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        buf = scratch.get(("read", id(self)), hi - lo, self.reader.info(key).dtype)
+        return self.reader.read_range(key, lo, hi, buf)
 
     def close(self) -> None:
         self.reader.close()
@@ -185,6 +212,32 @@ class MergeNode:
             return i
         return Info(compute_dtype(*(o.info(key).dtype for o in self.operands)), i.shape)
 
+    def sliceable(self, key: str) -> bool:
+        """Elementwise merges (and copies) can be computed slice by slice of the flat tensor."""
+        plan = self._plan[key]
+        if plan == "partial" or (plan == "copy" and self.fix_position_ids and key.endswith("position_ids")):
+            return False
+        ops = self.operands if plan == "merge" else self.operands[:1]
+        return all(getattr(o, "sliceable", lambda k: False)(key) for o in ops)
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        a = self.operands[0]
+        if self._plan[key] == "copy":
+            return a.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
+        alpha, beta = self.weights_for(key)
+        if self.method.is_identity(alpha, beta, len(self.operands)):
+            return a.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
+        ct = self.info(key).dtype
+        ins = []
+        for i, op in enumerate(self.operands):
+            raw = op.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
+            # Always our own copy: the kernel overwrites it, and ``raw`` may be a buffer of a
+            # source that another operand (the same step used twice) is about to reuse.
+            buf = scratch.get(("op", id(self), i), hi - lo, ct)
+            buf.copy_(raw)
+            ins.append(buf)
+        return self.method.kernel(ins, alpha, beta)
+
     def weights_for(self, key: str) -> tuple[float, float]:
         block = self.arch.block_of(key)
         alpha = self.alpha[block]
@@ -202,11 +255,10 @@ class MergeNode:
         alpha, beta = self.weights_for(key)
         if self.method.is_identity(alpha, beta, len(self.operands)):
             return a.get(key)
-        ct = self.info(key).dtype
-        tensors = [o.get(key).to(ct) for o in self.operands]
+        tensors = [o.get(key) for o in self.operands]
         if plan == "partial":
             n = min(t.shape[1] for t in tensors[1:])
-            out = tensors[0].clone()
+            out = tensors[0].to(self.info(key).dtype, copy=True)
             out[:, :n] = self.method.fn([t[:, :n] for t in tensors], alpha, beta)
             return out
         return self.method.fn(tensors, alpha, beta)
@@ -255,4 +307,18 @@ class OverlayNode:
         if key in self._map:
             return self.overlay.get(self._map[key])
         return self.base.get(key)
+
+    def sliceable(self, key: str) -> bool:
+        if key in self._map:
+            return hasattr(self.overlay, "read_range") or hasattr(self.overlay, "get_range")
+        return getattr(self.base, "sliceable", lambda k: False)(key)
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        if key not in self._map:
+            return self.base.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
+        if hasattr(self.overlay, "get_range"):
+            return self.overlay.get_range(self._map[key], lo, hi, scratch)  # type: ignore[union-attr]
+        k = self._map[key]
+        buf = scratch.get(("read", id(self)), hi - lo, self.overlay.info(k).dtype)
+        return self.overlay.read_range(k, lo, hi, buf)  # type: ignore[union-attr]
 
