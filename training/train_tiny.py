@@ -282,7 +282,7 @@ def train_diffusion(
 
 
 # ----------------------------------------------------------------------------- export
-def export(out: Path, models_dir: Path = MODELS_DIR) -> None:
+def export(out: Path, models_dir: Path = MODELS_DIR, a_name: str = "tiny-a") -> None:
     """Write both models as SD1 single-file LDM checkpoints (fp16) + models.json."""
     from safetensors.torch import save_file
 
@@ -295,7 +295,7 @@ def export(out: Path, models_dir: Path = MODELS_DIR) -> None:
         ("tiny-a", "flat-filled shapes"),
         ("tiny-b", "shapes with a thick black outline (fine-tuned from tiny-a)"),
     ):
-        sd = torch.load(out / f"{name}.pt")
+        sd = torch.load(out / f"{a_name if name == 'tiny-a' else name}.pt")
         ldm = {}
         ldm.update(ldm_names.unet_to_ldm(sd["unet"], unet_config()))
         ldm.update(ldm_names.vae_to_ldm(vae_sd, vae_config()))
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--decoder-steps", type=int, default=500)
     ap.add_argument("--decoder-only", action="store_true", help="stop after the decoder phase")
     ap.add_argument("--a-steps", type=int, default=2000)
+    ap.add_argument("--a-extra-steps", type=int, default=0, help="continue A for this many steps")
     ap.add_argument("--b-steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -348,9 +349,14 @@ def main() -> None:
         if args.decoder_only:
             return
         train_diffusion("tiny-a", args.out, "A", args.a_steps, 1e-3, args.seed + 100, None, args.batch)
-        train_diffusion("tiny-b", args.out, "B", args.b_steps, 3e-4, args.seed + 200, "tiny-a", args.batch)
+        a_final = "tiny-a"
+        if args.a_extra_steps:
+            # A second round for A (lower peak LR, from A's EMA); B and the export then use it.
+            a_final = "tiny-a-more"
+            train_diffusion(a_final, args.out, "A", args.a_extra_steps, 5e-4, args.seed + 150, "tiny-a", args.batch)
+        train_diffusion("tiny-b", args.out, "B", args.b_steps, 3e-4, args.seed + 200, a_final, args.batch)
         log(f"training done in {(time.time() - t0) / 60:.1f} min")
-    export(args.out, args.models_dir)
+    export(args.out, args.models_dir, "tiny-a-more" if args.a_extra_steps else "tiny-a")
 
 
 if __name__ == "__main__":
