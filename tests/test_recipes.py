@@ -118,22 +118,28 @@ def test_chain_keeps_float32_between_steps(sd1, tmp_path: Path) -> None:
 
 def test_each_file_and_shared_step_read_once_per_key(sd1, tmp_path: Path, monkeypatch) -> None:
     """A and ab are each used twice; per key every input tensor is still read exactly once."""
-    reads: dict[tuple[str, str], int] = {}
-    original = SafetensorsReader.get
+    reads: dict[tuple[str, str, int], int] = {}
+    original_get = SafetensorsReader.get
+    original_range = SafetensorsReader.read_range
 
-    def counting(self, key):
-        reads[(self.path.name, key)] = reads.get((self.path.name, key), 0) + 1
-        return original(self, key)
+    def counting_get(self, key):
+        reads[(self.path.name, key, 0)] = reads.get((self.path.name, key, 0), 0) + 1
+        return original_get(self, key)
 
-    monkeypatch.setattr(SafetensorsReader, "get", counting)
+    def counting_range(self, key, lo, hi, out):
+        reads[(self.path.name, key, lo)] = reads.get((self.path.name, key, lo), 0) + 1
+        return original_range(self, key, lo, hi, out)
+
+    monkeypatch.setattr(SafetensorsReader, "get", counting_get)
+    monkeypatch.setattr(SafetensorsReader, "read_range", counting_range)
     recipe = write(tmp_path, "r.toml", CHAIN.format(out="o.safetensors", dtype="fp16"))
     run_recipe(recipe, threads=2)
     key = "model.diffusion_model.input_blocks.5.0.in_layers.2.weight"  # IN05: every step computes
-    assert reads[("a.safetensors", key)] == 1
-    assert reads[("b.safetensors", key)] == 1
-    assert reads[("c.safetensors", key)] == 1
+    assert reads[("a.safetensors", key, 0)] == 1
+    assert reads[("b.safetensors", key, 0)] == 1
+    assert reads[("c.safetensors", key, 0)] == 1
     # position_ids are read once more by the broken-position_ids check, nothing else twice
-    assert all(n == 1 for (f, k), n in reads.items() if not k.endswith("position_ids")), reads
+    assert all(n == 1 for (f, k, _), n in reads.items() if not k.endswith("position_ids")), reads
 
 
 def test_rerun_of_embedded_recipe_is_byte_identical(sd1, tmp_path: Path, capsys) -> None:

@@ -29,7 +29,7 @@ from ..io import check_output_path, file_hashes, open_checkpoint
 from ..merge.executor import check_position_ids, input_record, output_dtype, output_format, write_hashed
 from ..merge.metadata import build_metadata, read_record
 from ..merge.methods import get_method
-from ..merge.nodes import FileSource, Info, MergeNode, MergeReport, OverlayNode, Source
+from ..merge.nodes import FileSource, Info, MergeNode, MergeReport, OverlayNode, Scratch, Source
 from ..merge.presets import PresetBook, load_presets
 from ..merge.weights import BlockWeights, parse_weights
 from .schema import RecipeError, RecipeSpec, check_graph, parse_recipe, step_names, to_toml
@@ -108,8 +108,22 @@ class _Shared:
         self._local.memo = (key, t)
         return t
 
+    def sliceable(self, key: str) -> bool:
+        return getattr(self.inner, "sliceable", lambda k: False)(key)
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        # The memo holds a view of the inner node's scratch buffer, which only the inner node's next
+        # call overwrites, and that call happens only on a miss.
+        memo = getattr(self._local, "range_memo", None)
+        if memo is not None and memo[0] == (key, lo, hi):
+            return memo[1]
+        t = self.inner.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
+        self._local.range_memo = ((key, lo, hi), t)
+        return t
+
     def forget(self) -> None:
         self._local.memo = None
+        self._local.range_memo = None
 
 
 class _Root:
@@ -130,6 +144,16 @@ class _Root:
     def get(self, key: str) -> torch.Tensor:
         try:
             return self.inner.get(key)
+        finally:
+            for s in self.shared:
+                s.forget()
+
+    def sliceable(self, key: str) -> bool:
+        return getattr(self.inner, "sliceable", lambda k: False)(key)
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        try:
+            return self.inner.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
         finally:
             for s in self.shared:
                 s.forget()
