@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .common import finite_float
+
 
 def _fmt_count(n: int) -> str:
     return f"{n:,}"
@@ -149,18 +151,6 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return v
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge checkpoints with a weight per block",
                        description="Merge 1-3 checkpoints block by block, streaming, into a new file.")
@@ -170,9 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weighted_sum: (1-α)A+αB (default); add_difference: A+α(B-C); scaled_sum: αA+βB")
     p.add_argument("--alpha", required=True, metavar="SPEC",
                    help="a number, 25 (SDXL 19) values, 26 (20) with BASE first, a preset, or e.g. 'IN04-IN08=0.5'")
-    p.add_argument("--base-alpha", type=_float, metavar="X", help="α for BASE (text encoder, VAE)")
+    p.add_argument("--base-alpha", type=finite_float, metavar="X", help="α for BASE (text encoder, VAE)")
     p.add_argument("--beta", metavar="SPEC", help="β per block (scaled_sum only)")
-    p.add_argument("--base-beta", type=_float, metavar="Y", help="β for BASE (scaled_sum only)")
+    p.add_argument("--base-beta", type=finite_float, metavar="Y", help="β for BASE (scaled_sum only)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="output dtype (default fp16)")
     p.add_argument("--format", choices=["safetensors", "ckpt"], help="output format (default: from the suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import finite_float
+
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     from ..errors import BlockmergeError
@@ -145,18 +147,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return v
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="one variant per block (scaled, bypassed, swapped) or custom merges, U-shaped report",
@@ -171,12 +161,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="file of infotexts separated by lines of '---' (e.g. copied from PNG Info)")
     p.add_argument("--seeds", default="1-4", help="seeds, e.g. 1-4 or 1,5,9 (default 1-4)")
     p.add_argument("--blocks", metavar="IDS", help="block subset, e.g. IN04-IN08,M00 or OUT (default all)")
-    p.add_argument("--scale", type=_float, action="append", metavar="K",
+    p.add_argument("--scale", type=finite_float, action="append", metavar="K",
                    help="each block times K, the rest untouched (repeatable: --scale 0.75 --scale 0)")
     p.add_argument("--bypass", action="store_true", help="each block bypassed (its residual branches add zero)")
     p.add_argument("--donor", metavar="MODEL", help="model B for --swap / --custom / --reverse")
     p.add_argument("--swap", action="store_true", help="each block taken from --donor, the rest from MODEL")
-    p.add_argument("--swap-ratio", type=_float, action="append", metavar="R",
+    p.add_argument("--swap-ratio", type=finite_float, action="append", metavar="R",
                    help="take the block at ratio R: (1-R)·A + R·B (default 1; repeatable)")
     p.add_argument("--reverse", action="store_true", help="also the reverse swap (donor with each block from MODEL)")
     p.add_argument("--custom", type=_custom, action="append", metavar="NAME=SPEC",
@@ -186,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
     p.add_argument("--steps", type=int, help="override the infotexts' Steps")
     p.add_argument("--sampler", help="override the infotexts' Sampler")
-    p.add_argument("--cfg-scale", type=_float, help="override the infotexts' CFG scale")
+    p.add_argument("--cfg-scale", type=finite_float, help="override the infotexts' CFG scale")
     p.add_argument("--width", type=int, help="override the image width")
     p.add_argument("--height", type=int, help="override the image height")
     p.add_argument("--batch-size", type=int, help="seeds per batch (default all seeds of a prompt)")
