@@ -10,6 +10,7 @@ pixels that are near-black (on white and gray backgrounds, where black is not th
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import socket
@@ -35,13 +36,15 @@ BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (12, 
 N_PROMPTS = 24
 STEPS = 20
 CFG = 6.0
-# The first bundled pair (trained in a session on a heavily shared 2-core CPU) is undertrained:
-# measured colour 29% / shape 38% for tiny-a, and no outline difference between A and B. The
-# thresholds below are the issue's acceptance criteria; these tests stay expected-to-fail until
-# the models are re-trained with training/train_tiny.py (see training/README.md), after which the
-# marker must go (strict: an unexpected pass fails, so nobody forgets).
+# The bundled pair (v2, trained in sessions on a heavily shared 2-core CPU) is still short of the
+# issue's acceptance criteria: measured tiny-a colour 83% / shape 46% / background 100%, tiny-b
+# colour 62% / shape 58% / background 96%; outline fraction tiny-a 0.05, tiny-b 0.28 (82% of A's
+# images rim-free, target 90%). The 90% tests below are the acceptance criteria and stay
+# expected-to-fail until the models are re-trained (training/README.md); strict, so an unexpected
+# pass fails and the marker is removed. The tests after them hold what the models do today (well
+# above chance: 4 colours, 3 shapes, 3 backgrounds) so a regression cannot pass unseen.
 UNDERTRAINED = pytest.mark.xfail(
-    strict=True, reason="bundled tiny models v1 are undertrained (see training/README.md)"
+    strict=True, reason="bundled tiny models v2 are below the 90% acceptance criteria (see training/README.md)"
 )
 
 
@@ -128,6 +131,7 @@ def test_bundled_models_load_and_generate_at_their_resolution() -> None:
 
 
 @lru_cache(maxsize=2)
+@functools.cache  # the same renders serve every test of a model
 def _generate(name: str) -> tuple[tuple[Case, ...], np.ndarray]:
     m = load_pipeline(resolve_model(name), hash_file=False)
     cases = tuple(_cases())
@@ -221,3 +225,34 @@ def test_tiny_b_style_is_present_in_b_and_absent_from_a() -> None:
     assert np.mean(a < 0.05) >= 0.9  # A: essentially no black rim
     assert np.mean(b > 0.15) >= 0.9  # B: a rim of black in nearly every image
     assert b.mean() > 4 * a.mean() + 0.1
+
+
+def _accuracy(name: str) -> dict[str, float]:
+    cases, images = _generate(name)
+    readings = [read_image(img) for img in images]
+    n = len(cases)
+    return {
+        "colour": sum(r.colour == c.colour for r, c in zip(readings, cases, strict=True)) / n,
+        "shape": sum(r.shape == c.shape for r, c in zip(readings, cases, strict=True)) / n,
+        "background": sum(r.background == c.background for r, c in zip(readings, cases, strict=True)) / n,
+    }
+
+
+def test_bundled_models_follow_the_prompt_well_above_chance() -> None:
+    """What v2 achieves (chance: colour 25%, shape 33%, background 33%)."""
+    a, b = _accuracy("tiny-a"), _accuracy("tiny-b")
+    assert a["background"] >= 0.9 and b["background"] >= 0.9, (a, b)
+    assert a["colour"] >= 0.75 and b["colour"] >= 0.55, (a, b)
+    assert a["shape"] >= 0.4 and b["shape"] >= 0.4, (a, b)
+
+
+def test_tiny_b_outline_style_is_measurable() -> None:
+    """B's black outline: its mean outline fraction is several times A's, in most images."""
+    dark = {}
+    for name in ("tiny-a", "tiny-b"):
+        _, images = _generate(name)
+        fr = np.array([read_image(img).dark_fraction for img in images])
+        dark[name] = fr[~np.isnan(fr)]
+    a, b = dark["tiny-a"], dark["tiny-b"]
+    assert b.mean() > 4 * a.mean(), (a.mean(), b.mean())
+    assert np.mean(a < 0.05) >= 0.75 and np.mean(b > 0.15) >= 0.5, (a, b)
