@@ -148,3 +148,22 @@ def test_generation_runs_with_sockets_blocked(tiny_sd1_paths, tmp_path, monkeypa
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
     assert attempts == []
+
+
+def test_same_seed_gives_what_a_plain_diffusers_call_gives(sd1):
+    """A seed's noise stream continues from the starting latent into the sampler's per-step noise,
+    as in diffusers (and A1111): a plain pipeline call seeded the same draws the same image. (A fresh
+    generator per step source would repeat the starting noise as the first step's noise.)"""
+    import torch
+
+    from blockmerge.generation.samplers import SD_SCHEDULER_CONFIG, make_scheduler
+
+    p = GenerationParams(prompt="a red circle", steps=4, sampler="Euler a", cfg_scale=7.0, seeds=(11,),
+                         width=64, height=64)
+    ours = generate(sd1, p)[0]
+    pipe = sd1.pipeline
+    pipe.scheduler = make_scheduler("Euler a", SD_SCHEDULER_CONFIG, sd1.prediction_type)
+    ref = pipe("a red circle", negative_prompt="", num_inference_steps=4, guidance_scale=7.0, width=64, height=64,
+               generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
+    ref_px = np.round(ref * 255).astype(np.int16)
+    assert np.abs(_px(ours.image) - ref_px).max() <= 1

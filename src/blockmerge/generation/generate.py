@@ -164,10 +164,13 @@ def encode_prompts(loaded: Any, params: GenerationParams) -> PromptEmbeddings:
                                  "negative_prompt_embeds": uncond.to(loaded.device, dt)})
 
 
-def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """The starting latent of one seed: CPU RNG, so a seed means the same on every device."""
+def seeded_noise(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Generator]:
+    """The starting latent of one seed, and the generator that goes on to give the sampler's per-step
+    noise. CPU RNG, so a seed means the same on every device; one stream per image, continued after
+    the starting latent as A1111 does (a fresh generator with the same seed would hand the sampler
+    the starting noise again as its first step's noise, and the samples degrade)."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32), g
 
 
 def _decode(loaded: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -226,8 +229,9 @@ def generate(
     for start in range(0, len(seeds), bs):
         chunk = seeds[start:start + bs]
         n = len(chunk)
-        latents = torch.cat([initial_noise(s, (1, c, height // factor, width // factor)) for s in chunk])
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in chunk]
+        noise = [seeded_noise(s, (1, c, height // factor, width // factor)) for s in chunk]
+        latents = torch.cat([x for x, _ in noise])
+        gens = [g for _, g in noise]
         kwargs = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in emb.kwargs.items()}
         with torch.inference_mode():
             out = pipe(
