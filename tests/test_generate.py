@@ -167,3 +167,15 @@ def test_same_seed_gives_what_a_plain_diffusers_call_gives(sd1):
                generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
     ref_px = np.round(ref * 255).astype(np.int16)
     assert np.abs(_px(ours.image) - ref_px).max() <= 1
+
+
+def test_generate_without_model_uses_the_bundled_default(tmp_path, capsys):
+    from blockmerge.models import resolve_model
+
+    code = main(["generate", "-o", str(tmp_path / "o"), "--prompt", "a large red circle on the left, white background",
+                 "--steps", "2", "--seed", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    info = parse_infotext(read_png_infotext(next((tmp_path / "o").glob("*.png"))))
+    assert info.model == "tiny-a"
+    assert info.model_hash == file_hashes(resolve_model("tiny-a")).sha256[:10]
+    assert info.size == (64, 64)  # the bundled model's own resolution

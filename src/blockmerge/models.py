@@ -59,11 +59,17 @@ def list_models() -> list[BundledModel]:
     return list(_registry())
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """A bundled model's file for its name (``tiny-a``), else the argument as an existing path.
+DEFAULT_MODEL = "tiny-a"
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> Path:
+    """A bundled model's file for its name (``tiny-a``), else the argument as an existing path;
+    ``None`` is the default bundled model.
 
     An existing file wins over a bundled name, so a local file called ``tiny-a`` is never shadowed.
     """
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
     p = Path(name_or_path)
     if p.is_file():
         return p
