@@ -151,7 +151,7 @@ def write_source(
     metadata: Mapping[str, str] | None = None,
     finalize_metadata: Callable[[], Mapping[str, str]] | None = None,
     progress: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
@@ -163,9 +163,10 @@ def write_source(
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
-    # The main thread writes (and a hasher may run): more workers than the other cores only
-    # contend (measured on 2 cores: 1 worker 7.0 s, 2 workers 7.5 s for SD1.5; 13.1 / 16.5 s SDXL).
-    threads = max(1, min(threads, (os.cpu_count() or 2) - 1))
+    if threads is None:
+        # The main thread writes (and a hasher may run): by default no more workers than the other
+        # cores (measured on 2 cores: 1 worker 7.0 s, 2 workers 7.5 s for SD1.5; 13.1 / 16.5 s SDXL).
+        threads = max(1, min(2, (os.cpu_count() or 2) - 1))
     keys = sorted(source.keys())
     entries = []
     for k in keys:
@@ -268,7 +269,7 @@ def write_hashed(
     dtype: str,
     fmt: str,
     progress: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
     and the final metadata.
@@ -311,7 +312,7 @@ def merge(
     fix_position_ids: bool = False,
     presets: PresetBook | None = None,
     progress: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge checkpoints block by block and write the result (the library form of ``blockmerge merge``).
 
