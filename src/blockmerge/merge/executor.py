@@ -164,9 +164,9 @@ def write_source(
     out = Path(output)
     out_dt = output_dtype(dtype)
     if threads is None:
-        # The main thread writes (and a hasher may run): by default no more workers than the other
-        # cores (measured on 2 cores: 1 worker 7.0 s, 2 workers 7.5 s for SD1.5; 13.1 / 16.5 s SDXL).
-        threads = max(1, min(2, (os.cpu_count() or 2) - 1))
+        # Two workers beside the writing main thread. Measured on 2 cores (SD1.5 pair, bench/): quiet,
+        # 2 workers 6.1 s vs 1 worker 7.4 s; under load 2-3 the order flipped (7.5 vs 7.0 s).
+        threads = 2
     keys = sorted(source.keys())
     entries = []
     for k in keys:
