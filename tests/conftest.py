@@ -24,6 +24,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TINY_DTYPE = torch.float16
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module whose fixtures run the tiny models: on two shared cores OpenMP
+    oversubscription stalls cost far more than the parallelism gains. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tests keep their hash cache to themselves instead of writing to ~/.cache."""

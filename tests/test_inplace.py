@@ -18,14 +18,7 @@ from blockmerge.generation.generate import GenerationParams, generate
 from blockmerge.generation.loader import load_pipeline
 from blockmerge.merge import merge, parse_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared with other jobs: one thread avoids OpenMP oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ PROMPT = "a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG
 PROMPT2 = "a blue square\nSteps: 3, Sampler: Euler, CFG scale: 5, Size: 32x32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

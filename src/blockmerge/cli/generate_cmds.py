@@ -13,6 +13,7 @@ def _params_from_args(args: argparse.Namespace):
     from ..generation.generate import GenerationParams, parse_seeds
     from ..generation.infotext import Infotext, parse_infotext, read_png_infotext
     from ..generation.samplers import resolve_sampler
+    from ..io.text import read_user_text
 
     text = None
     source = "--infotext"
@@ -22,12 +23,7 @@ def _params_from_args(args: argparse.Namespace):
         text = args.infotext
     elif args.infotext_file is not None:
         source = args.infotext_file
-        try:
-            text = Path(args.infotext_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise BlockmergeError(f"--infotext-file {args.infotext_file}: cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise BlockmergeError(f"--infotext-file {args.infotext_file}: not UTF-8 text") from None
+        text = read_user_text(args.infotext_file, f"--infotext-file {args.infotext_file}")
     elif args.from_png is not None:
         source = args.from_png
         text = read_png_infotext(args.from_png)

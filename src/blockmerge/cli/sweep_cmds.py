@@ -11,15 +11,11 @@ from .common import finite_float
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     from ..errors import BlockmergeError
+    from ..io.text import read_user_text
 
     prompts = list(args.prompt or [])
     for f in args.prompt_file or []:
-        try:
-            text = Path(f).read_text(encoding="utf-8")
-        except OSError as e:
-            raise BlockmergeError(f"--prompt-file {f}: cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise BlockmergeError(f"--prompt-file {f}: not UTF-8 text") from None
+        text = read_user_text(f, f"--prompt-file {f}")
         # One infotext per file, or several separated by a line holding only "---".
         parts = [p.strip() for p in text.replace("\r\n", "\n").split("\n---\n")]
         prompts += [p for p in parts if p]

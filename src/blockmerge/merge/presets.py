@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import WeightSpecError
+from ..io.text import read_user_text
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,7 @@ class PresetBook:
 
     def add_file(self, path: str | os.PathLike[str]) -> None:
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise WeightSpecError(f"--presets {p}: cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise WeightSpecError(f"--presets {p}: not a text file") from None
-        self.add_text(text, str(p))
+        self.add_text(read_user_text(p, f"--presets {p}", WeightSpecError), str(p))
 
     def names(self) -> list[str]:
         return [p.name for p in self.presets.values()]

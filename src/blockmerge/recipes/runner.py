@@ -26,6 +26,7 @@ import torch
 from ..architectures import Architecture
 from ..errors import BlockmergeError
 from ..io import check_output_path, file_hashes, open_checkpoint
+from ..io.text import read_user_text
 from ..merge.executor import check_position_ids, input_record, output_dtype, output_format, write_hashed
 from ..merge.metadata import build_metadata, read_record
 from ..merge.methods import get_method
@@ -52,12 +53,7 @@ class Recipe:
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"{p}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{p}: not a text file (a recipe is TOML)") from None
+    text = read_user_text(p, str(p), RecipeError)
     return Recipe(parse_recipe(text, str(p)), p.resolve().parent, str(p))
 
 
