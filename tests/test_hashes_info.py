@@ -111,3 +111,13 @@ def test_presets_command(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "GRAD_V" in out and "SD1/SD2" in out
+
+
+def test_merge_progress_on_stderr_and_quiet_silences_it(tiny_sd1_paths, tmp_path, capsys):
+    a, b = (str(p) for p in tiny_sd1_paths[:2])
+    assert main(["merge", a, b, "-o", str(tmp_path / "p.safetensors"), "--alpha", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert "merge p.safetensors" in err and "B/s" in err  # tqdm's bar, on stderr
+    assert out.startswith("wrote ") and "merge p.safetensors" not in out
+    assert main(["merge", a, b, "-o", str(tmp_path / "q.safetensors"), "--alpha", "0.5", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
