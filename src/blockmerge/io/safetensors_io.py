@@ -22,6 +22,7 @@ from typing import BinaryIO
 import torch
 
 from ..errors import CheckpointError
+from .atomic import EarlyWriteback, preallocate
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -202,7 +203,11 @@ class SafetensorsStreamWriter:
         self._entries = entries
         head, self._sizes = build_header(entries, metadata)
         self.header_len = len(head)
+        self.total_bytes = self.header_len + sum(n for _, n in self._sizes)
+        self._start = f.tell()
+        preallocate(f, self._start + self.total_bytes)
         f.write(head)
+        self._writeback = EarlyWriteback(f)
         self._next = 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -216,6 +221,7 @@ class SafetensorsStreamWriter:
             t = t.to(torch.uint8)
         if t.numel():
             self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._writeback.advance()
         self._next += 1
 
     def write_part(self, key: str, part: torch.Tensor, last: bool) -> None:
@@ -226,6 +232,7 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"stream writer expected {want_key} {dtype}, got a part of {key} {part.dtype}")
         if part.numel():
             self._f.write(memoryview(part.contiguous().view(torch.uint8).numpy()))
+            self._writeback.advance()
         self._part_bytes = getattr(self, "_part_bytes", 0) + part.numel() * part.element_size()
         if last:
             if self._part_bytes != self._sizes[self._next][1]:
@@ -241,10 +248,12 @@ class SafetensorsStreamWriter:
         if len(head) != self.header_len:
             raise RuntimeError("metadata rewrite made the header longer than the space reserved for it")
         pos = self._f.tell()
-        self._f.seek(0)
+        self._f.seek(self._start)
         self._f.write(head)
         self._f.seek(pos)
 
     def finish(self) -> None:
         if self._next != len(self._entries):
             raise RuntimeError(f"stream writer got {self._next} of {len(self._entries)} tensors")
+        if self._f.tell() != self._start + self.total_bytes:  # the file was preallocated to this size
+            raise RuntimeError(f"stream writer wrote {self._f.tell() - self._start} bytes, expected {self.total_bytes}")
