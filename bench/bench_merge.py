@@ -57,8 +57,9 @@ BASE_ALPHA = 0.5
 SD1_SPEC = "GRAD_V"
 # SDXL has 9/1/9 blocks and GRAD_V is an SD1 preset: the same V shape over 19 values.
 SDXL_SPEC = [round(abs(i - 9) / 9, 10) for i in range(19)]
-# Targets from the issue, per architecture: (max wall ratio vs sd-mecha, vs load-everything, max RSS bytes)
-TARGETS = {"sd1": (0.3, 0.5, 1.0e9), "sdxl": (0.3, 0.5, 1.5e9)}
+# Targets from the issue, per architecture: (max wall ratio vs sd-mecha, vs load-everything, max RSS bytes).
+# The issue sets wall-time targets for the SD1.5 pair only; for SDXL just the memory one.
+TARGETS = {"sd1": (0.3, 0.5, 1.0e9), "sdxl": (None, None, 1.5e9)}
 CONTENDERS = ("blockmerge", "load-everything", "sd-mecha")
 
 
@@ -423,13 +424,12 @@ def render(results: Sequence[dict], info: dict[str, str], notes: Sequence[str]) 
             checks = []
             if mecha:
                 r = bm.m.wall_s / mecha.m.wall_s
-                checks.append(f"wall vs sd-mecha **{r:.2f}x** (target ≤ {t_mecha}x: {'met' if r <= t_mecha else 'MISSED'})"
+                checks.append(f"wall vs sd-mecha **{r:.2f}x** ({_verdict(r, t_mecha)})"
                               f"; CPU time vs sd-mecha {_ratio(bm.m.cpu_s, mecha.m.cpu_s)}"
                               f"; peak RSS vs sd-mecha {_ratio(bm.m.max_rss, mecha.m.max_rss)}")
             if load:
                 r = bm.m.wall_s / load.m.wall_s
-                checks.append(f"wall vs load-everything **{r:.2f}x** (target ≤ {t_load}x: "
-                              f"{'met' if r <= t_load else 'MISSED'}); CPU time vs load-everything "
+                checks.append(f"wall vs load-everything **{r:.2f}x** ({_verdict(r, t_load)}); CPU time vs load-everything "
                               f"{_ratio(bm.m.cpu_s, load.m.cpu_s)}; peak RSS vs load-everything "
                               f"{_ratio(bm.m.max_rss, load.m.max_rss)}")
             checks.append(f"peak RSS **{common.fmt_bytes(bm.m.max_rss)}** (target ≤ {common.fmt_bytes(t_rss)}: "
@@ -484,6 +484,12 @@ def parent(args: argparse.Namespace) -> int:
         common.write_results_section(SECTION, text)
         log(f"updated {common.RESULTS}")
     return 0
+
+
+def _verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return "no target for this pair"
+    return f"target ≤ {target}x: {'met' if ratio <= target else 'MISSED'}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
