@@ -2,9 +2,9 @@
 
 Measured with plain pixel statistics on images generated through the ordinary loader and a
 diffusers pipeline (Euler a, 20 steps, CFG 6): the background is the median of the image border,
-the shape is every pixel far from it, its colour the median of the shape's non-dark pixels, its
-kind read from how it fills its bounding box (square ~1, circle ~pi/4) and whether it narrows
-towards the top (triangle). tiny-b's trait, a thick black outline, is the fraction of the shape's
+the shape is the largest connected region of pixels far from it, its colour the median of the
+shape's non-dark pixels, its kind read from how it fills its bounding box (square ~1, circle
+~pi/4) and whether it narrows towards the top (triangle). tiny-b's trait, a thick black outline, is the fraction of the shape's
 pixels that are near-black (on white and gray backgrounds, where black is not the background).
 """
 
@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from blockmerge.errors import CheckpointError
 from blockmerge.generation.loader import load_pipeline
@@ -33,19 +34,9 @@ PALETTE = {
     "yellow": (240, 210, 40),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (12, 12, 12)}
-N_PROMPTS = 24
+N_PROMPTS = 48
 STEPS = 20
-CFG = 6.0
-# The bundled pair (v2, trained in sessions on a heavily shared 2-core CPU) is still short of the
-# issue's acceptance criteria: measured tiny-a colour 83% / shape 46% / background 100%, tiny-b
-# colour 62% / shape 58% / background 96%; outline fraction tiny-a 0.05, tiny-b 0.28 (82% of A's
-# images rim-free, target 90%). The 90% tests below are the acceptance criteria and stay
-# expected-to-fail until the models are re-trained (training/README.md); strict, so an unexpected
-# pass fails and the marker is removed. The tests after them hold what the models do today (well
-# above chance: 4 colours, 3 shapes, 3 backgrounds) so a regression cannot pass unseen.
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True, reason="bundled tiny models v2 are below the 90% acceptance criteria (see training/README.md)"
-)
+CFG = 6.0  # every shape x colour pair four times: 90% allows at most 4 misses per model
 
 
 @dataclass(frozen=True)
@@ -67,8 +58,8 @@ class Case:
 def _cases() -> list[Case]:
     vocab = list_models()[0].vocabulary
     rng = random.Random(7)
-    # Every shape x colour pair twice, with sizes, positions and backgrounds drawn at random.
-    pairs = [(s, c) for s in vocab["shape"] for c in vocab["colour"]] * 2
+    # Every shape x colour pair four times, with sizes, positions and backgrounds drawn at random.
+    pairs = [(s, c) for s in vocab["shape"] for c in vocab["colour"]] * 4
     return [
         Case(s, c, rng.choice(vocab["size"]), rng.choice(vocab["position"]), rng.choice(vocab["background"]))
         for s, c in pairs[:N_PROMPTS]
@@ -94,6 +85,11 @@ def read_image(img: np.ndarray) -> Reading:
     bg = np.median(border, axis=0)
     background = _nearest(bg, BACKGROUNDS)
     mask = np.sqrt(((x - bg) ** 2).sum(-1)) > 70
+    # The shape is the largest 8-connected region off the background: a stray speck or a tinted
+    # corner elsewhere would otherwise stretch the bounding box and read as a sparse "circle".
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n > 1:
+        mask = labels == 1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, n + 1))))
     if mask.sum() < 20:
         return Reading(background, None, None, 0.0)
     dark = x.max(-1) < 70
@@ -195,7 +191,27 @@ def test_reader_reads_the_training_renders() -> None:
             assert (r.dark_fraction > 0.15) == (outline is not None)
 
 
-@UNDERTRAINED
+def test_reader_reads_every_training_scene_and_ignores_specks() -> None:
+    """Every scene of the training set (all sizes, positions, backgrounds, both styles) is read as
+    drawn, also with a stray speck far from the shape; a wrong shape is not read as the asked one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import dataset as ds
+
+    rng = random.Random(3)
+    for scene in ds.all_scenes()[::7]:
+        for style in ds.STYLES:
+            img = ds.render(scene, style, (rng.randint(-2, 2), rng.randint(-2, 2), rng.randint(-2, 2))).copy()
+            r = read_image(img)
+            assert (r.background, r.colour, r.shape) == (scene.background, scene.colour, scene.shape), (scene, style)
+            # a 3x3 speck of the shape's colour in a corner the shape does not reach
+            corner = (slice(2, 5), slice(59, 62)) if scene.position in ("left", "bottom") else (slice(59, 62), slice(2, 5))
+            img[corner] = ds.COLOURS[scene.colour]
+            assert read_image(img).shape == scene.shape, (scene, style, "speck")
+
+
 @pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
 def test_bundled_model_draws_the_asked_colour_and_shape(name: str) -> None:
     cases, images = _generate(name)
@@ -222,7 +238,6 @@ def _outline_fractions() -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-@UNDERTRAINED
 def test_tiny_b_style_is_present_in_b_and_absent_from_a() -> None:
     a, b = _outline_fractions()
     print(f"dark outline fraction: tiny-a mean {a.mean():.3f}, tiny-b mean {b.mean():.3f}")
@@ -230,29 +245,3 @@ def test_tiny_b_style_is_present_in_b_and_absent_from_a() -> None:
     assert np.mean(a < 0.05) >= 0.9  # A: essentially no black rim
     assert np.mean(b > 0.15) >= 0.9  # B: a rim of black in nearly every image
     assert b.mean() > 4 * a.mean() + 0.1
-
-
-def _accuracy(name: str) -> dict[str, float]:
-    cases, images = _generate(name)
-    readings = [read_image(img) for img in images]
-    n = len(cases)
-    return {
-        "colour": sum(r.colour == c.colour for r, c in zip(readings, cases, strict=True)) / n,
-        "shape": sum(r.shape == c.shape for r, c in zip(readings, cases, strict=True)) / n,
-        "background": sum(r.background == c.background for r, c in zip(readings, cases, strict=True)) / n,
-    }
-
-
-def test_bundled_models_follow_the_prompt_well_above_chance() -> None:
-    """What v2 achieves (chance: colour 25%, shape 33%, background 33%)."""
-    a, b = _accuracy("tiny-a"), _accuracy("tiny-b")
-    assert a["background"] >= 0.9 and b["background"] >= 0.9, (a, b)
-    assert a["colour"] >= 0.75 and b["colour"] >= 0.55, (a, b)
-    assert a["shape"] >= 0.4 and b["shape"] >= 0.4, (a, b)
-
-
-def test_tiny_b_outline_style_is_measurable() -> None:
-    """B's black outline: its mean outline fraction is several times A's, in most images."""
-    a, b = _outline_fractions()
-    assert b.mean() > 4 * a.mean(), (a.mean(), b.mean())
-    assert np.mean(a < 0.05) >= 0.75 and np.mean(b > 0.15) >= 0.5, (a, b)
