@@ -15,7 +15,6 @@ import json
 import random
 import socket
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -126,7 +125,6 @@ def test_bundled_models_load_and_generate_at_their_resolution() -> None:
     assert images.std() > 10  # not a blank or constant image
 
 
-@lru_cache(maxsize=2)
 @functools.cache  # the same renders serve every test of a model
 def _generate(name: str) -> tuple[tuple[Case, ...], np.ndarray]:
     m = load_pipeline(resolve_model(name), hash_file=False)

@@ -91,3 +91,26 @@ def test_early_writeback_turns_itself_off_where_the_kernel_refuses() -> None:
         f.write(b"xy")
         assert wb.advance() is False
         assert wb.enabled is False
+
+
+def test_a_too_small_disk_fails_before_any_tensor_is_written(tmp_path) -> None:
+    """Preallocation meets the size limit at once: the writer raises from its constructor."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import errno, resource, signal, torch
+        from blockmerge.io import SafetensorsStreamWriter
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        with open({str(tmp_path / "big.safetensors")!r}, "wb") as f:
+            try:
+                SafetensorsStreamWriter(f, [("w", torch.float16, (1000, 1000))])
+            except OSError as e:
+                print("refused", errno.errorcode[e.errno], f.tell())
+            else:
+                print("accepted")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["refused", "EFBIG", "0"], out.stdout + out.stderr

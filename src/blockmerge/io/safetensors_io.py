@@ -209,6 +209,7 @@ class SafetensorsStreamWriter:
         f.write(head)
         self._writeback = EarlyWriteback(f)
         self._next = 0
+        self._part_bytes = 0  # bytes written so far of the tensor being written in parts
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want_key, dtype, shape = self._entries[self._next]
@@ -233,7 +234,7 @@ class SafetensorsStreamWriter:
         if part.numel():
             self._f.write(memoryview(part.contiguous().view(torch.uint8).numpy()))
             self._writeback.advance()
-        self._part_bytes = getattr(self, "_part_bytes", 0) + part.numel() * part.element_size()
+        self._part_bytes += part.numel() * part.element_size()
         if last:
             if self._part_bytes != self._sizes[self._next][1]:
                 raise RuntimeError(f"stream writer got {self._part_bytes} bytes for {key}, expected {self._sizes[self._next][1]}")
