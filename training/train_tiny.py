@@ -315,11 +315,10 @@ def train_diffusion(
 
 
 # ----------------------------------------------------------------------------- export
-def export(out: Path, models_dir: Path = MODELS_DIR, a_name: str = "tiny-a") -> None:
+def export(out: Path, models_dir: Path = MODELS_DIR) -> None:
     """Write both models as SD1 single-file LDM checkpoints (fp16) + models.json."""
-    from safetensors.torch import save_file
-
     from blockmerge.architectures import ldm_names
+    from blockmerge.io import SafetensorsStreamWriter, atomic_write
 
     vae_sd = torch.load(out / "vae-decoder.pt")
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +327,7 @@ def export(out: Path, models_dir: Path = MODELS_DIR, a_name: str = "tiny-a") -> 
         ("tiny-a", "flat-filled shapes"),
         ("tiny-b", "shapes with a thick black outline (fine-tuned from tiny-a)"),
     ):
-        sd = torch.load(out / f"{a_name if name == 'tiny-a' else name}.pt")
+        sd = torch.load(out / f"{name}.pt")
         ldm = {}
         ldm.update(ldm_names.unet_to_ldm(sd["unet"], unet_config()))
         ldm.update(ldm_names.vae_to_ldm(vae_sd, vae_config()))
@@ -345,7 +344,14 @@ def export(out: Path, models_dir: Path = MODELS_DIR, a_name: str = "tiny-a") -> 
             "modelspec.prediction_type": "epsilon",
             "trained_by": "training/train_tiny.py",
         }
-        save_file(ldm, str(file), metadata=meta)
+        # blockmerge's own writer, not safetensors' save_file: its header (metadata order included) is
+        # the same on every run, so a re-export gives byte-identical files and the same sha256.
+        keys = sorted(ldm)
+        with atomic_write(file) as f:
+            writer = SafetensorsStreamWriter(f, [(k, ldm[k].dtype, tuple(ldm[k].shape)) for k in keys], meta)
+            for k in keys:
+                writer.write(k, ldm[k])
+            writer.finish()
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         entries.append({
             "name": name, "file": file.name, "style": desc, "sha256": digest,
@@ -366,7 +372,6 @@ def main() -> None:
     ap.add_argument("--decoder-noise", type=float, default=0.5, help="latent noise (x latent std) while refining the decoder")
     ap.add_argument("--decoder-only", action="store_true", help="stop after the decoder phase")
     ap.add_argument("--a-steps", type=int, default=5000)
-    ap.add_argument("--a-extra-steps", type=int, default=0, help="continue A for this many steps")
     ap.add_argument("--b-steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -383,14 +388,9 @@ def main() -> None:
         if args.decoder_only:
             return
         train_diffusion("tiny-a", args.out, "A", args.a_steps, 1e-3, args.seed + 100, None, args.batch)
-        a_final = "tiny-a"
-        if args.a_extra_steps:
-            # A second round for A (lower peak LR, from A's EMA); B and the export then use it.
-            a_final = "tiny-a-more"
-            train_diffusion(a_final, args.out, "A", args.a_extra_steps, 5e-4, args.seed + 150, "tiny-a", args.batch)
-        train_diffusion("tiny-b", args.out, "B", args.b_steps, 3e-4, args.seed + 200, a_final, args.batch)
+        train_diffusion("tiny-b", args.out, "B", args.b_steps, 3e-4, args.seed + 200, "tiny-a", args.batch)
         log(f"training done in {(time.time() - t0) / 60:.1f} min")
-    export(args.out, args.models_dir, "tiny-a-more" if args.a_extra_steps else "tiny-a")
+    export(args.out, args.models_dir)
 
 
 if __name__ == "__main__":
