@@ -59,7 +59,7 @@ def switch_costs(model_path: Path, blocks_file: list[str], work: Path, threads: 
     before = {q: p.detach().clone() for q, p in ipm.params.items()} if model_path.stat().st_size < 1e9 else None
     per_block: dict[str, float] = {}
     for b in arch.block_ids:
-        edit = MergeEdit("scaled_sum", parse_weights(f"{b}=0.75", arch, keep_a=1.0))
+        edit = MergeEdit("scaled_sum", {"alpha": parse_weights(f"{b}=0.75", arch, keep_a=1.0)})
         t = time.perf_counter()
         with ipm.applied(edit):
             pass

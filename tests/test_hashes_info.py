@@ -95,7 +95,8 @@ def test_info_command_prints_merge_record(tiny_sd1_paths, tmp_path, capsys):
     assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert info["dtypes"]["float16"] > 0 and info["size_bytes"] == out.stat().st_size
     rec = info["merge_record"]
-    assert rec["alpha"]["IN05"] == 0.5 and rec["alpha"]["IN09"] == 0.0 and rec["alpha"]["BASE"] == 0.2
+    alpha = rec["params"]["alpha"]
+    assert alpha["IN05"] == 0.5 and alpha["IN09"] == 0.0 and alpha["BASE"] == 0.2
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "weighted_sum" in text and "IN05=0.5" in text and tiny_sd1_paths[0].name in text

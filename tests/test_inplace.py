@@ -73,7 +73,7 @@ def test_block_map_covers_every_parameter_once_and_agrees_with_the_ldm_side(whic
 def test_edit_changes_only_its_block_and_restores_bit_exactly_even_on_error(sd1) -> None:
     ipm = InPlaceModel(sd1)
     ref = _state(ipm)
-    edit = MergeEdit("scaled_sum", parse_weights("IN04=0.75", SD1, keep_a=1.0))
+    edit = MergeEdit("scaled_sum", {"alpha": parse_weights("IN04=0.75", SD1, keep_a=1.0)})
     assert edit.changed_blocks() == ["IN04"]
     in04 = set(ipm.map.blocks["IN04"])
     with ipm.applied(edit):
@@ -188,7 +188,7 @@ def test_in_place_variants_match_merge_to_a_file(which, request, tmp_path: Path)
     ref = _state(ipm)
     for i, block in enumerate(blocks):
         if i % 2 == 0:
-            edit = MergeEdit("scaled_sum", parse_weights(f"{block}=0.75", arch, keep_a=1.0))
+            edit = MergeEdit("scaled_sum", {"alpha": parse_weights(f"{block}=0.75", arch, keep_a=1.0)})
             out = merge([paths[0]], tmp_path / f"{block}.safetensors", method="scaled_sum",
                         alpha=f"{block}=0.75", dtype="fp32")
         else:

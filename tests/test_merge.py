@@ -259,7 +259,8 @@ def test_metadata_round_trip(tiny_sd1_paths, tmp_path):
     assert meta == res.metadata
     rec = json.loads(meta["blockmerge"])
     assert rec["method"] == "weighted_sum" and rec["architecture"] == "SD1" and rec["dtype"] == "fp16"
-    assert rec["alpha"]["BASE"] == 0.25 and rec["alpha"]["IN00"] == 1.0 and rec["alpha"]["M00"] == 0.0
+    alpha = rec["params"]["alpha"]
+    assert alpha["BASE"] == 0.25 and alpha["IN00"] == 1.0 and alpha["M00"] == 0.0
     assert [i["sha256"] for i in rec["inputs"]] == [sha256_file(a), sha256_file(b)]
     recipe = json.loads(meta["sd_merge_recipe"])
     assert recipe["primary_model_hash"] == sha256_file(a) and recipe["interp_method"] == "Weighted sum"
@@ -293,7 +294,7 @@ def test_method_needs_right_number_of_models(tiny_sd1_paths, tmp_path):
         merge(tiny_sd1_paths[:2], tmp_path / "o.safetensors", method="add_difference", alpha=0.5)
     with pytest.raises(BlockmergeError, match="needs 2 models"):
         merge(tiny_sd1_paths[:1], tmp_path / "o.safetensors", alpha=0.5)
-    with pytest.raises(BlockmergeError, match="--beta is only used by scaled_sum"):
+    with pytest.raises(BlockmergeError, match="--beta: weighted_sum: unknown parameter .beta."):
         merge(tiny_sd1_paths[:2], tmp_path / "o.safetensors", alpha=0.5, beta=0.5)
 
 

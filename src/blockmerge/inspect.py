@@ -80,3 +80,43 @@ def checkpoint_info(path: str | os.PathLike[str], *, hashes: bool = True) -> dic
     if other:
         info["metadata"] = {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in other.items()}
     return info
+
+
+@dataclass(frozen=True)
+class TensorValues:
+    key: str
+    block: str
+    values: dict[str, float]
+
+
+def tensor_values(
+    path: str | os.PathLike[str],
+    method: str = "weighted_sum",
+    params: dict[str, Any] | None = None,
+    *,
+    alpha: Any = None,
+    beta: Any = None,
+    base_alpha: float | None = None,
+    base_beta: float | None = None,
+    presets: Any = None,
+) -> tuple[str, list[TensorValues]]:
+    """The value of each of ``method``'s parameters that every tensor of ``path`` would get in a merge
+    (block values, then elemental rules): what ``blockmerge blocks MODEL --alpha SPEC`` shows.
+
+    Elemental rules are checked against the file's keys, so a rule that matches nothing is an error.
+    """
+    from .merge.declare import get_method
+    from .merge.nodes import is_weight
+    from .merge.params import check_rules, merged_params, resolve_params, values_for
+
+    m = get_method(method)
+    n = m.max_operands if m.max_operands is not None else m.min_operands
+    given, given_as = merged_params(params, alpha, beta)
+    with open_checkpoint(path) as r:
+        keys = [k for k in r.keys() if not k.startswith(EMA_PREFIX) and is_weight(k, r.info(k).dtype)]
+        arch = detect(keys + [k for k in r.keys() if k not in keys], str(path))
+    pv = resolve_params(m, arch, n, given, bases={"alpha": base_alpha, "beta": base_beta}, presets=presets,
+                        given_as=given_as)
+    check_rules(pv, keys, arch.block_of, str(path))
+    rows = [TensorValues(k, arch.block_of(k), values_for(pv, k, arch.block_of(k))) for k in sorted(keys)]
+    return arch.name, rows

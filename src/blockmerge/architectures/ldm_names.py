@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .base import UNET_PREFIX
 
 __all__ = [
     "SD1_TE_PREFIX",
+    "Slot",
     "SD2_TE_PREFIX",
     "SDXL_TE1_PREFIX",
     "SDXL_TE2_PREFIX",
@@ -36,6 +38,7 @@ __all__ = [
     "VAE_PREFIX",
     "clip_to_ldm",
     "open_clip_to_ldm",
+    "text_encoder_slot",
     "unet_diffusers_to_ldm_name",
     "unet_ldm_to_diffusers_names",
     "unet_to_ldm",
@@ -353,3 +356,45 @@ def open_clip_to_ldm(
     if logit_scale is not None:
         out[prefix + "logit_scale"] = logit_scale
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaded text encoders -> single-file keys (for in-place edits of BASE)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a loaded module's parameter sits in a single-file tensor: the key, which of ``parts``
+    equal row blocks it is (OpenCLIP stacks q, k, v into one ``in_proj``), and whether the file
+    stores it transposed (OpenCLIP's ``text_projection``). Reshapes (the VAE's 1x1-conv attention
+    against diffusers' Linear) are taken from the file's shapes by the caller."""
+
+    key: str
+    part: int = 0
+    parts: int = 1
+    transpose: bool = False
+
+
+def text_encoder_slot(name: str, kind: str, prefix: str) -> Slot:
+    """The single-file slot of a transformers CLIP text-model parameter ``name`` (any transformers
+    version's naming), stored at ``prefix`` as ``kind`` ``"clip"`` (transformers names) or
+    ``"open_clip"`` (the layout :func:`open_clip_to_ldm` writes; the same tables)."""
+    (norm,) = _text_model_names({name: torch.empty(0)})
+    if kind == "clip":
+        return Slot(prefix + norm)
+    if norm in _OPEN_CLIP_FIXED:
+        return Slot(prefix + _OPEN_CLIP_FIXED[norm])
+    if norm == "text_projection.weight":
+        return Slot(prefix + "text_projection", transpose=True)
+    m = _OPEN_CLIP_LAYER.fullmatch(norm)
+    if not m:
+        raise ValueError(f"no OpenCLIP name for text encoder tensor {name!r}")
+    layer, rest = int(m[1]), m[2]
+    q = _QKV.fullmatch(rest)
+    if q:
+        return Slot(f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{q[2]}", part="qkv".index(q[1]), parts=3)
+    for dif, oc in _OPEN_CLIP_PARTS.items():
+        if rest.startswith(dif):
+            return Slot(f"{prefix}transformer.resblocks.{layer}.{oc}{rest[len(dif):]}")
+    raise ValueError(f"no OpenCLIP name for text encoder tensor {name!r}")

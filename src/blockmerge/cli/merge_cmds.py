@@ -1,4 +1,4 @@
-"""merge, blocks, info, hash, presets, synthetic."""
+"""merge, methods, blocks, info, hash, presets, synthetic."""
 
 from __future__ import annotations
 
@@ -16,16 +16,20 @@ def _fmt_count(n: int) -> str:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..merge import load_presets, merge
+    from ..merge.params import parse_param_args
 
     presets = load_presets(args.presets or [])
     result = merge(
         args.models,
         args.output,
         method=args.method,
+        params=parse_param_args(args.param),
         alpha=args.alpha,
         beta=args.beta,
         base_alpha=args.base_alpha,
         base_beta=args.base_beta,
+        clamp=args.clamp,
+        allow_non_finite=args.allow_non_finite,
         dtype=args.dtype,
         fmt=args.format,
         overwrite=args.overwrite,
@@ -47,9 +51,50 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ..merge.methods import METHODS
+
+    if args.json:
+        print(json.dumps([method_as_data(m) for m in METHODS.values()], indent=2))
+        return 0
+    for m in METHODS.values():
+        kind = "elementwise" if m.elementwise else "whole tensors"
+        print(f"{m.name}  [{kind}; result: {m.result}]")
+        print(f"    {m.formula}")
+        if m.summary:
+            print(f"    {m.summary}")
+        print(f"    operands: {m.operands_text()}")
+        for p in m.params:
+            default = "required" if p.default is None else f"default {p.default:g}"
+            name = f"{p.name}1..{p.name}N" if p.per_operand else p.name
+            print(f"    {name:<14} {default:<16} {p.range_text():<14} {p.meaning}")
+        if m.source:
+            print(f"    from: {m.source}")
+        print()
+    return 0
+
+
+def method_as_data(m: object) -> dict[str, object]:
+    """A method's declaration as plain data (``blockmerge methods --json``, the UI)."""
+    from ..merge.declare import MergeMethod
+
+    assert isinstance(m, MergeMethod)
+    return {
+        "name": m.name, "formula": m.formula, "summary": m.summary, "elementwise": m.elementwise,
+        "result": m.result, "source": m.source, "identity": dict(m.identity),
+        "operands": [{"name": o.name, "space": o.space, "variadic": o.variadic, "optional": o.optional}
+                     for o in m.operands],
+        "min_operands": m.min_operands, "max_operands": m.max_operands,
+        "params": [{"name": p.name, "default": p.default, "range": p.range_text(), "kind": p.kind,
+                    "per_operand": p.per_operand, "requires": p.requires, "meaning": p.meaning} for p in m.params],
+    }
+
+
 def cmd_blocks(args: argparse.Namespace) -> int:
     from ..inspect import block_table
 
+    if args.alpha is not None or args.beta is not None or args.param:
+        return _blocks_values(args)
     arch, rows, comps = block_table(args.model)
     if args.json:
         print(json.dumps({"architecture": arch, "blocks": [r.__dict__ for r in rows],
@@ -62,6 +107,28 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     print(f"{'total':<8} {sum(r.tensors for r in rows):>8} {_fmt_count(sum(r.parameters for r in rows)):>15}")
     for c in comps:
         print(f"  BASE/{c.block:<5} {c.tensors:>6} {_fmt_count(c.parameters):>15}")
+    return 0
+
+
+def _blocks_values(args: argparse.Namespace) -> int:
+    """``blocks MODEL --alpha SPEC``: the value of each parameter every tensor would get."""
+    from ..inspect import tensor_values
+    from ..merge import load_presets
+    from ..merge.params import parse_param_args
+
+    arch, rows = tensor_values(
+        args.model, args.method, parse_param_args(args.param), alpha=args.alpha, beta=args.beta,
+        base_alpha=args.base_alpha, base_beta=args.base_beta, presets=load_presets(args.presets or []),
+    )
+    if args.json:
+        print(json.dumps({"architecture": arch, "method": args.method,
+                          "tensors": [{"key": r.key, "block": r.block, **r.values} for r in rows]}, indent=2))
+        return 0
+    names = list(rows[0].values) if rows else []
+    print(f"{args.model}: {arch}, {args.method} ({', '.join(names)} per tensor)")
+    for r in rows:
+        vals = "  ".join(f"{n}={v:g}" for n, v in r.values.items())
+        print(f"{r.block:<6} {vals}  {r.key}")
     return 0
 
 
@@ -101,10 +168,12 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"by blockmerge {rec.get('version')}")
             for i in rec.get("inputs", []):
                 print(f"    {i['role']}: {i['name']}  sha256 {i['sha256'][:10]}  legacy {i['legacy_hash']}")
-            for wname in ("alpha", "beta"):
-                w = rec.get(wname)
-                if w:
+            params = rec.get("params") or {n: rec[n] for n in ("alpha", "beta") if rec.get(n)}
+            for wname, w in params.items():
+                if isinstance(w, dict):
                     print(f"    {wname}: " + ",".join(f"{k}={v:g}" for k, v in w.items()))
+            for wname, rules in (rec.get("rules") or {}).items():
+                print(f"    {wname} rules: " + "; ".join(rules))
             if rec.get("recipe"):
                 print("    recipe:")
                 for line in str(rec["recipe"]).splitlines():
@@ -152,17 +221,19 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..merge.methods import METHODS
+
     p = sub.add_parser("merge", help="merge checkpoints with a weight per block",
-                       description="Merge 1-3 checkpoints block by block, streaming, into a new file.")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="A [B [C]]: checkpoint files (.safetensors/.ckpt)")
+                       description="Merge checkpoints block by block, streaming, into a new file, with any "
+                                   "method of `blockmerge methods`.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="the method's operands in order, e.g. A B [C]: checkpoint or delta files (.safetensors/.ckpt)")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors, or .ckpt)")
-    p.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "add_difference", "scaled_sum"],
-                   help="weighted_sum: (1-α)A+αB (default); add_difference: A+α(B-C); scaled_sum: αA+βB")
-    p.add_argument("--alpha", required=True, metavar="SPEC",
-                   help="a number, 25 (SDXL 19) values, 26 (20) with BASE first, a preset, or e.g. 'IN04-IN08=0.5'")
-    p.add_argument("--base-alpha", type=finite_float, metavar="X", help="α for BASE (text encoder, VAE)")
-    p.add_argument("--beta", metavar="SPEC", help="β per block (scaled_sum only)")
-    p.add_argument("--base-beta", type=finite_float, metavar="Y", help="β for BASE (scaled_sum only)")
+    _method_args(p, METHODS)
+    p.add_argument("--clamp", action="store_true",
+                   help="clip every result element to the range of the model operands there")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write a result with inf/NaN values anyway (a warning counts them); default: an error")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="output dtype (default fp16)")
     p.add_argument("--format", choices=["safetensors", "ckpt"], help="output format (default: from the suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -174,9 +245,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("blocks", help="tensors and parameters per block of a checkpoint")
+    p = sub.add_parser("methods", help="list the merge methods with operands, parameters, defaults and formula")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("blocks", help="tensors and parameters per block of a checkpoint (with --alpha etc.: "
+                                      "the value every tensor gets)")
     p.add_argument("model", help="checkpoint file")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _method_args(p, METHODS, for_blocks=True)
+    p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
     p.set_defaults(func=cmd_blocks)
 
     p = sub.add_parser("info", help="architecture, dtype, size, hashes and merge record of checkpoints")
@@ -208,3 +286,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_synthetic)
 
 
+
+
+def _method_args(p: argparse.ArgumentParser, methods: object, for_blocks: bool = False) -> None:
+    """--method, --param and the --alpha/--beta shorthands, read from the method registry."""
+    names = list(methods)  # type: ignore[call-overload]
+    p.add_argument("--method", default="weighted_sum", choices=names, metavar="METHOD",
+                   help=f"merge method (default weighted_sum): {', '.join(names)}; `blockmerge methods` explains each")
+    p.add_argument("--param", action="append", metavar="NAME=SPEC",
+                   help="a parameter of the method, per block (repeatable), e.g. --param k=0.3 or "
+                        "--param 'alpha=IN04-IN08=0.5; OUT:attn2:0'")
+    p.add_argument("--alpha", metavar="SPEC",
+                   help="the method's α: a number, 25 (SDXL 19) values, 26 (20) with BASE first, a preset, "
+                        "'IN04-IN08=0.5', and elemental rules after ';' ('0.5; IN04-IN08:attn2:0')")
+    p.add_argument("--base-alpha", type=finite_float, metavar="X", help="α for BASE (text encoder, VAE)")
+    p.add_argument("--beta", metavar="SPEC", help="the method's β per block (e.g. scaled_sum's B factor)")
+    p.add_argument("--base-beta", type=finite_float, metavar="Y", help="β for BASE")

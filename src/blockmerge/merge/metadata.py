@@ -122,3 +122,9 @@ def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
         return None
     rec = json.loads(raw)
     return rec if isinstance(rec, dict) else None
+
+
+def space_of(metadata: Mapping[str, str] | None) -> str:
+    """``"delta"`` for a task vector blockmerge wrote (its record says so), else ``"model"``."""
+    rec = read_record(metadata or {})
+    return "delta" if rec and rec.get("space") == "delta" else "model"

@@ -9,17 +9,20 @@ node is built, before any output is written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..architectures import EMA_PREFIX, Architecture, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import CheckpointReader, open_checkpoint
-from .methods import MergeMethod, compute_dtype
+from .declare import DELTA, MODEL, Context, MergeMethod, compute_dtype, to_operand_spaces
+from .metadata import space_of
+from .params import check_rules, values_for
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
@@ -85,6 +88,8 @@ class FileSource:
         self._keys = [k for k in all_keys if keep_ema or not k.startswith(EMA_PREFIX)]
         self.dropped_ema = len(all_keys) - len(self._keys)
         self.metadata = self.reader.metadata
+        # A delta (task vector) written by blockmerge says so in its record; anything else is a model.
+        self.space = space_of(self.metadata)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -107,6 +112,35 @@ class FileSource:
         self.reader.close()
 
 
+class TensorSource:
+    """An in-memory state dict (single-file key names) as a source: merge tensors a notebook or the
+    UI already holds, and the tests' small hand-made models. ``space`` is ``"model"`` or ``"delta"``."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], arch: Architecture, *, name: str = "tensors",
+                 space: str = MODEL) -> None:
+        self.tensors = dict(tensors)
+        self.arch = arch
+        self.name = name
+        self.space = space
+        self.metadata: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, key: str) -> Info:
+        t = self.tensors[key]
+        return Info(t.dtype, tuple(t.shape))
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def sliceable(self, key: str) -> bool:
+        return True
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        return self.tensors[key].reshape(-1)[lo:hi]
+
+
 @dataclass
 class MergeReport:
     """What a merge did beyond the arithmetic, for the user to read."""
@@ -118,27 +152,41 @@ class MergeReport:
 
 
 class MergeNode:
-    """``method`` applied per key to ``operands`` with per-block α (and β)."""
+    """``method`` applied per key to ``operands`` with per-block (and per-rule) parameter values.
+
+    ``params`` come from :func:`~blockmerge.merge.params.resolve_params`. Operands are checked
+    against the method's declaration: their number, and their space (a delta where a model is
+    needed, or the reverse, is an error naming both). ``clamp`` clips each result element to the
+    range of the model operands' values there (sd-meh's weights_clip).
+    """
 
     def __init__(
         self,
         method: MergeMethod,
         operands: Sequence[Source],
-        alpha: BlockWeights,
-        beta: BlockWeights | None = None,
+        params: Mapping[str, BlockWeights],
         *,
         name: str = "merge",
         fix_position_ids: bool = False,
+        clamp: bool = False,
     ) -> None:
-        if not method.min_models <= len(operands) <= method.max_models:
-            want = (
-                str(method.min_models)
-                if method.min_models == method.max_models
-                else f"{method.min_models} or {method.max_models}"
-            )
-            raise BlockmergeError(f"{method.name} needs {want} models, got {len(operands)}")
+        method.check_count(len(operands))
         self.method = method
         self.operands = list(operands)
+        self.spaces = [getattr(op, "space", MODEL) for op in operands]
+        self.roles = method.roles(len(operands))
+        for op, sp, role in zip(self.operands, self.spaces, self.roles, strict=True):
+            if role.space == MODEL and sp != MODEL:
+                raise BlockmergeError(f"{op.name}: is a delta (task vector), but {method.name}'s operand "
+                                      f"{role.name} must be a model")
+            if role.space == DELTA and sp != DELTA:
+                raise BlockmergeError(f"{op.name}: is a model, but {method.name}'s operand {role.name} must be a "
+                                      "delta (make one with --method difference)")
+        self.space = method.result
+        if clamp and method.result != MODEL:
+            raise BlockmergeError(f"--clamp: {method.name} gives a delta; clamping needs a model result")
+        if clamp and sum(1 for sp in self.spaces if sp == MODEL) < 2:
+            raise BlockmergeError(f"--clamp: {method.name} here has fewer than two model operands to clamp between")
         self.arch = operands[0].arch
         for op in operands[1:]:
             if op.arch is not self.arch:
@@ -146,18 +194,26 @@ class MergeNode:
                     f"{op.name}: is {op.arch.title} but {operands[0].name} is {self.arch.title}; "
                     "models of different architectures cannot be merged"
                 )
-        for w, arg in ((alpha, "alpha"), (beta, "beta")):
-            if w is not None and w.arch != self.arch.name:
-                raise BlockmergeError(f"{arg} weights are for {w.arch}, the models are {self.arch.name}")
-        self.alpha = alpha
-        self.beta = beta
+        for pname, w in params.items():
+            if w.arch != self.arch.name:
+                raise BlockmergeError(f"{pname} weights are for {w.arch}, the models are {self.arch.name}")
+        missing = [n for n in method.param_names(len(operands)) if n not in params]
+        if missing:
+            raise BlockmergeError(f"{method.name}: no values for {', '.join(missing)}")
+        self.params = dict(params)
         self.name = name
         self.fix_position_ids = fix_position_ids
+        self.clamp = clamp
         self.report = MergeReport()
         self._keys = operands[0].keys()
         self._plan: dict[str, str] = {}
+        self._info: dict[str, Info] = {}
+        self._stats_lock = threading.Lock()
+        self._stats: Any = None
+        self._stats_done = method.statistics is None
         self._check()
 
+    # --- planning -----------------------------------------------------------------------------
     def _check(self) -> None:
         a = self.operands[0]
         others = self.operands[1:]
@@ -165,25 +221,39 @@ class MergeNode:
         a_keys = set(self._keys)
         extra = sorted(set().union(*other_keys) - a_keys) if other_keys else []
         self.report.only_in_others = extra
+        kept: list[str] = []
         for key in self._keys:
             ia = a.info(key)
             if not is_weight(key, ia.dtype):
                 self._plan[key] = "copy"
+                kept.append(key)
                 continue
             if not all(key in ks for ks in other_keys):
-                self._plan[key] = "copy"
                 self.report.only_in_a += 1
+                if self.space == DELTA:
+                    self._plan[key] = "drop"  # a difference with a missing operand is not a delta
+                    continue
+                self._plan[key] = "copy"
+                kept.append(key)
                 continue
             shapes = [o.info(key).shape for o in others]
+            kept.append(key)
             if all(s == ia.shape for s in shapes):
                 self._plan[key] = "merge"
-                continue
-            if self._partial_ok(key, ia.shape, shapes):
+            elif self._partial_ok(key, ia.shape, shapes):
                 self._plan[key] = "partial"
                 self.report.partial_channels.append(key)
-                continue
-            detail = ", ".join(f"{o.name} {list(s)}" for o, s in zip(others, shapes, strict=True))
-            raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}")
+            else:
+                detail = ", ".join(f"{o.name} {list(s)}" for o, s in zip(others, shapes, strict=True))
+                raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}")
+            if self.method.constraint is not None:
+                values = self.method.kernel_values(self.values(key), len(self.operands))
+                problem = self.method.constraint(values)
+                if problem:
+                    raise BlockmergeError(f"{self.name}: {self.method.name} at {key} ({self.arch.block_of(key)}): {problem}")
+        self._keys = kept
+        merged = [k for k in kept if self._plan[k] != "copy"]
+        check_rules(self.params, merged, self.arch.block_of, self.name)
 
     @staticmethod
     def _partial_ok(key: str, a_shape: tuple[int, ...], shapes: list[tuple[int, ...]]) -> bool:
@@ -205,27 +275,94 @@ class MergeNode:
         return list(self._keys)
 
     def info(self, key: str) -> Info:
+        # Memoised: a recipe's chain asks each node for every key's info, and without the memo a
+        # step used twice by the next one doubles the work per step (exponential planning).
+        i = self._info.get(key)
+        if i is not None:
+            return i
         i = self.operands[0].info(key)
         if self._plan[key] == "copy":
             if self.fix_position_ids and key.endswith("embeddings.position_ids"):
-                return Info(torch.int64, i.shape)
-            return i
-        return Info(compute_dtype(*(o.info(key).dtype for o in self.operands)), i.shape)
+                i = Info(torch.int64, i.shape)
+        else:
+            i = Info(compute_dtype(*(o.info(key).dtype for o in self.operands)), i.shape)
+        self._info[key] = i
+        return i
+
+    def values(self, key: str) -> dict[str, float]:
+        """Every parameter's value for ``key`` (its block's, or its last matching elemental rule's)."""
+        return values_for(self.params, key, self.arch.block_of(key))
+
+    def weights_for(self, key: str) -> tuple[float, float]:
+        """α and β for ``key`` (the parameters of the usual two-parameter methods), for callers that
+        only know those two; other methods' parameters are in :meth:`values`."""
+        v = self.values(key)
+        return v.get("alpha", 0.0), v.get("beta", 0.0)
+
+    def explain(self, key: str) -> str:
+        """``block IN04, alpha=0.5`` for messages about one tensor."""
+        vals = ", ".join(f"{k}={v:g}" for k, v in self.values(key).items())
+        return f"block {self.arch.block_of(key)}" + (f", {vals}" if vals else "")
+
+    def _identity(self, key: str) -> bool:
+        return self.method.is_identity(self.values(key))
 
     def sliceable(self, key: str) -> bool:
-        """Elementwise merges (and copies) can be computed slice by slice of the flat tensor."""
+        """Elementwise merges (and copies) can be computed slice by slice of the flat tensor; a
+        whole-tensor method only where it copies A (identity values)."""
         plan = self._plan[key]
         if plan == "partial" or (plan == "copy" and self.fix_position_ids and key.endswith("position_ids")):
             return False
-        ops = self.operands if plan == "merge" else self.operands[:1]
+        if plan == "merge" and not self.method.elementwise and not self._identity(key):
+            return False
+        ops = self.operands if plan == "merge" and not self._identity(key) else self.operands[:1]
         return all(getattr(o, "sliceable", lambda k: False)(key) for o in ops)
+
+    # --- model-wide statistics ------------------------------------------------------------------
+    def _ensure_stats(self) -> Any:
+        if self._stats_done:
+            return self._stats
+        with self._stats_lock:
+            if not self._stats_done:
+                st = self.method.statistics
+                assert st is not None
+                kept = []
+                for key in self._keys:
+                    if self._plan[key] != "merge" or not st.applies(key):
+                        continue
+                    ts = [o.get(key) for o in self.operands]
+                    ct = compute_dtype(*(t.dtype for t in ts))
+                    v = st.collect(key, [t.to(ct) for t in ts])
+                    if v is not None:
+                        kept.append(v.detach().to(torch.float64).reshape(-1))
+                self._stats = st.reduce(kept)
+                self._stats_done = True
+        return self._stats
+
+    # --- arithmetic ----------------------------------------------------------------------------
+    def _context(self, key: str, values: Mapping[str, float]) -> Context:
+        return Context(key=key, seed=int(values.get("seed", 0)), stats=self._ensure_stats())
+
+    def _bounds(self, ops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        models = [t for t, sp in zip(ops, self.spaces, strict=True) if sp == MODEL]
+        lo, hi = models[0].clone(), models[0].clone()
+        for t in models[1:]:
+            torch.minimum(lo, t, out=lo)
+            torch.maximum(hi, t, out=hi)
+        return lo, hi
+
+    def _compute(self, key: str, ops: list[torch.Tensor], values: Mapping[str, float]) -> torch.Tensor:
+        """The method on compute-dtype copies ``ops`` (overwritten), clamped if asked."""
+        bounds = self._bounds(ops) if self.clamp else None
+        ops = to_operand_spaces(self.method, ops, self.spaces)
+        out = self.method.call(ops, self.method.kernel_values(values, len(ops)), self._context(key, values))
+        if bounds is not None:
+            out = out.clamp_(min=bounds[0], max=bounds[1])
+        return out
 
     def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
         a = self.operands[0]
-        if self._plan[key] == "copy":
-            return a.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
-        alpha, beta = self.weights_for(key)
-        if self.method.is_identity(alpha, beta, len(self.operands)):
+        if self._plan[key] == "copy" or self._identity(key):
             return a.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
         ct = self.info(key).dtype
         ins = []
@@ -236,13 +373,7 @@ class MergeNode:
             buf = scratch.get(("op", id(self), i), hi - lo, ct)
             buf.copy_(raw)
             ins.append(buf)
-        return self.method.kernel(ins, alpha, beta)
-
-    def weights_for(self, key: str) -> tuple[float, float]:
-        block = self.arch.block_of(key)
-        alpha = self.alpha[block]
-        beta = self.beta[block] if self.beta is not None else self.method.keep_a_beta
-        return alpha, beta
+        return self._compute(key, ins, self.values(key))
 
     def get(self, key: str) -> torch.Tensor:
         plan = self._plan[key]
@@ -252,16 +383,17 @@ class MergeNode:
                 i = a.info(key)
                 return torch.arange(i.shape[-1], dtype=torch.int64).reshape(i.shape)
             return a.get(key)
-        alpha, beta = self.weights_for(key)
-        if self.method.is_identity(alpha, beta, len(self.operands)):
+        values = self.values(key)
+        if self.method.is_identity(values):
             return a.get(key)
         tensors = [o.get(key) for o in self.operands]
+        ct = compute_dtype(*(t.dtype for t in tensors))
         if plan == "partial":
             n = min(t.shape[1] for t in tensors[1:])
-            out = tensors[0].to(self.info(key).dtype, copy=True)
-            out[:, :n] = self.method.fn([t[:, :n] for t in tensors], alpha, beta)
+            out = tensors[0].to(ct, copy=True)
+            out[:, :n] = self._compute(key, [t[:, :n].to(ct, copy=True) for t in tensors], values)
             return out
-        return self.method.fn(tensors, alpha, beta)
+        return self._compute(key, [t.to(ct, copy=True) for t in tensors], values)
 
 
 class OverlayNode:
@@ -270,6 +402,7 @@ class OverlayNode:
     def __init__(self, base: Source, overlay: FileSource | CheckpointReader, prefix: str = VAE_PREFIX) -> None:
         self.base = base
         self.arch = base.arch
+        self.space = getattr(base, "space", MODEL)
         self.name = base.name
         self.prefix = prefix
         self.overlay = overlay

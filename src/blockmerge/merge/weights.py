@@ -11,6 +11,14 @@ Accepted forms (``ARG`` is ``--alpha`` or ``--beta``):
   ID is a block (``IN04``), a range (``IN04-IN08``), a group (``IN``, ``OUT``, ``M``, ``ALL``) or
   ``BASE``; e.g. ``IN04-IN08=0.5,M00=1`` or ``GRAD_V,OUT=0``. Blocks not named take the default,
   or, without one, the value that keeps model A.
+
+Below block level, **elemental rules** (supermerger's elemental merge, sd-mecha's per-key
+weights) follow the block part after a ``;`` (or on their own lines):
+``BLOCKS:ELEMENTS:VALUE``, where BLOCKS is a space-separated list of block ids, ranges and groups
+(empty: every block) and ELEMENTS a space-separated list of parts of the tensor's key name
+(``attn2``, ``attn1.to_out``; empty: every tensor); either list may start with ``NOT`` to invert
+it (``OUT:NOT attn:0.3``; ``OUT:NOT:attn:0.3`` is the same). Several rules are separated by
+commas, ``;`` or newlines; they apply after the block values, and the last matching rule wins.
 """
 
 from __future__ import annotations
@@ -26,15 +34,61 @@ from .presets import PresetBook, load_presets
 
 
 @dataclass(frozen=True)
+class ElementalRule:
+    """``BLOCKS:ELEMENTS:VALUE``: the value of tensors in those blocks whose key contains an element."""
+
+    text: str
+    blocks: frozenset[str]  # empty: every block
+    not_blocks: bool
+    parts: tuple[str, ...]  # empty: every tensor
+    not_parts: bool
+    value: float
+
+    def matches(self, key: str, block: str) -> bool:
+        in_blocks = not self.blocks or block in self.blocks
+        if self.not_blocks:
+            in_blocks = not in_blocks
+        if not in_blocks:
+            return False
+        in_parts = not self.parts or any(p in key for p in self.parts)
+        return in_parts != self.not_parts
+
+    def covers(self, block: str) -> bool:
+        """Whether the rule can apply to some tensor of ``block`` (its block part matches)."""
+        return (not self.blocks or block in self.blocks) != self.not_blocks
+
+
+@dataclass(frozen=True)
 class BlockWeights:
-    """One value per block id of an architecture, BASE included."""
+    """One value per block id of an architecture, BASE included, and elemental rules below that."""
 
     arch: str
     ids: tuple[str, ...]
     values: tuple[float, ...]
+    rules: tuple[ElementalRule, ...] = ()
 
     def __getitem__(self, block: str) -> float:
         return self.values[self.ids.index(block)]
+
+    def value(self, key: str, block: str) -> float:
+        """The value tensor ``key`` (of ``block``) gets: the last matching rule's, else its block's."""
+        for rule in reversed(self.rules):
+            if rule.matches(key, block):
+                return rule.value
+        return self[block]
+
+    def all_values(self) -> list[float]:
+        """Every value this can give (the blocks' and the rules'), for range checks."""
+        return [*self.values, *(r.value for r in self.rules)]
+
+    def with_rules(self, rules: Sequence[ElementalRule]) -> BlockWeights:
+        return BlockWeights(self.arch, self.ids, self.values, tuple(rules))
+
+    def spec_text(self) -> str:
+        """A spec that parses back to exactly these values (BASE-first list, then the rules)."""
+        vals = list(self.values)
+        head = repr(vals[0]) if all(v == vals[0] for v in vals) else ",".join(repr(v) for v in vals)
+        return head + "".join(f"; {r.text}" for r in self.rules)
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.ids, self.values, strict=True))
@@ -59,6 +113,9 @@ _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _ID = re.compile(r"^(IN|OUT|M|MID)(\d{1,2})$")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(text: str, arg: str) -> float:
     t = text.strip()
     try:
@@ -67,6 +124,8 @@ def _number(text: str, arg: str) -> float:
         raise WeightSpecError(f"{arg}: {t!r} is not a number") from None
     if not math.isfinite(v):
         raise WeightSpecError(f"{arg}: {t!r} is not a finite number")
+    if abs(v) > FLOAT32_MAX:
+        raise WeightSpecError(f"{arg}: {t!r} overflows float32 (the merge arithmetic's precision)")
     return v
 
 
@@ -154,10 +213,79 @@ def parse_weights(
     text = spec.strip()
     if not text:
         raise WeightSpecError(f"{arg}: empty weight specification")
+    head, rule_texts = _split_rules(text, arg)
     book = presets if presets is not None else load_presets()
+    if head:
+        weights = _parse_block_part(head, arch, arg, base, keep_a, book)
+    else:  # rules only: the blocks keep model A (or the parameter's default)
+        weights = BlockWeights(arch.name, arch.all_ids, (keep_a if base is None else base,) + (keep_a,) * arch.n_blocks)
+    if rule_texts:
+        weights = weights.with_rules([parse_rule(r, arch, arg) for r in rule_texts])
+    return weights
+
+
+def _numeric(token: str) -> bool:
+    """A number, or a word float() reads as one (nan, inf): never taken for a preset name."""
+    return bool(_NUM.match(token)) or token.lower().lstrip("+-") in ("nan", "inf", "infinity")
+
+
+def _split_rules(text: str, arg: str) -> tuple[str, list[str]]:
+    """``BLOCK PART; RULE, RULE`` -> the block part and the rules (parts with a ``:`` are rules)."""
+    head: list[str] = []
+    rules: list[str] = []
+    for part in re.split(r"[;\n]", text):
+        part = part.strip()
+        if not part:
+            continue
+        if ":" in part:
+            for r in (r.strip() for r in part.split(",")):
+                if r and ":" not in r:
+                    raise WeightSpecError(f"{arg}: {r!r} among elemental rules; put the block part first and "
+                                          "separate it from the rules with ';' (e.g. '0.5; IN04-IN08:attn2:0')")
+                if r:
+                    rules.append(r)
+        else:
+            head.append(part)
+    if len(head) > 1:
+        raise WeightSpecError(f"{arg}: {head[1]!r}: only one block part may come before the elemental rules")
+    return (head[0] if head else ""), rules
+
+
+def parse_rule(text: str, arch: Architecture, arg: str) -> ElementalRule:
+    """One elemental rule, ``BLOCKS:ELEMENTS:VALUE`` (or ``BLOCKS:NOT:ELEMENTS:VALUE``)."""
+    fields = [f.strip() for f in text.split(":")]
+    not_blocks = not_parts = False
+    if len(fields) == 4 and fields[1].upper() == "NOT":
+        fields = [fields[0], "NOT " + fields[2], fields[3]]
+    elif len(fields) == 4 and fields[0].upper() == "NOT":
+        fields = ["NOT " + fields[1], fields[2], fields[3]]
+    if len(fields) != 3:
+        raise WeightSpecError(f"{arg}: elemental rule {text!r}: expected BLOCKS:ELEMENTS:VALUE "
+                              "(e.g. 'IN04-IN08:attn2:0' or 'OUT:NOT attn:0.3')")
+    btoks, ptoks = fields[0].split(), fields[1].split()
+    if btoks and btoks[0].upper() == "NOT":
+        not_blocks, btoks = True, btoks[1:]
+        if not btoks:
+            raise WeightSpecError(f"{arg}: elemental rule {text!r}: NOT needs blocks after it")
+    if ptoks and ptoks[0].upper() == "NOT":
+        not_parts, ptoks = True, ptoks[1:]
+        if not ptoks:
+            raise WeightSpecError(f"{arg}: elemental rule {text!r}: NOT needs key parts after it")
+    blocks: set[str] = set()
+    for t in btoks:
+        blocks.update(_targets(t, arch, f"{arg}: elemental rule {text!r}"))
+    value = _number(fields[2], f"{arg}: elemental rule {text!r}")
+    canon = ":".join([" ".join((["NOT"] if not_blocks else []) + btoks),
+                      " ".join((["NOT"] if not_parts else []) + ptoks), fields[2].strip()])
+    return ElementalRule(canon, frozenset(blocks), not_blocks, tuple(ptoks), not_parts, value)
+
+
+def _parse_block_part(
+    text: str, arch: Architecture, arg: str, base: float | None, keep_a: float, book: PresetBook
+) -> BlockWeights:
     tokens = [t for t in re.split(r"[,\s]+", text) if t]
     if "=" not in text:
-        if len(tokens) == 1 and not _NUM.match(tokens[0]):
+        if len(tokens) == 1 and not _numeric(tokens[0]):
             return _preset(tokens[0], arch, arg, base, keep_a, book)
         vals = [_number(t, arg) for t in tokens]
         if len(vals) == 1:
@@ -170,7 +298,7 @@ def parse_weights(
         first = tokens[0]
         default = (
             parse_weights(_number(first, arg), arch, arg=arg, base=base, keep_a=keep_a, presets=book)
-            if _NUM.match(first) or first.lower() in ("nan", "inf", "-inf")
+            if _numeric(first)
             else _preset(first, arch, arg, base, keep_a, book)
         )
         rest = tokens[1:]

@@ -27,18 +27,27 @@ from ..architectures import Architecture
 from ..errors import BlockmergeError
 from ..io import check_output_path, file_hashes, open_checkpoint
 from ..io.text import read_user_text
-from ..merge.executor import check_position_ids, input_record, output_dtype, output_format, write_hashed
+from ..merge.executor import (
+    check_position_ids,
+    input_record,
+    method_record,
+    output_dtype,
+    output_format,
+    write_hashed,
+)
 from ..merge.metadata import build_metadata, read_record
 from ..merge.methods import get_method
 from ..merge.nodes import FileSource, Info, MergeNode, MergeReport, OverlayNode, Scratch, Source
+from ..merge.params import ParamValues, resolve_params
 from ..merge.presets import PresetBook, load_presets
-from ..merge.weights import BlockWeights, parse_weights
+from ..merge.weights import BlockWeights
 from .schema import RecipeError, RecipeSpec, check_graph, parse_recipe, step_names, to_toml
 
 EMBED_HEADER = (
     "blockmerge recipe, as embedded in the file it made (input sha256s are checked before merging).",
     "Rerun: blockmerge run THIS.toml -o OUTPUT.safetensors   (input paths: relative to this file's folder)",
-    "alpha/beta lists: BASE first, then the blocks IN00.., M00, OUT00.. (blockmerge blocks FILE lists them)",
+    "parameter lists: BASE first, then the blocks IN00.., M00, OUT00.. (blockmerge blocks FILE lists them);",
+    "elemental rules follow the list after ';'",
 )
 
 
@@ -88,6 +97,7 @@ class _Shared:
         self.inner = inner
         self.name = inner.name
         self.arch = inner.arch
+        self.space = getattr(inner, "space", "model")
         self._local = threading.local()
 
     def keys(self) -> list[str]:
@@ -129,7 +139,12 @@ class _Root:
         self.inner = inner
         self.name = inner.name
         self.arch = inner.arch
+        self.space = getattr(inner, "space", "model")
         self.shared = list(shared)
+
+    def explain(self, key: str) -> str:
+        explain = getattr(self.inner, "explain", None)
+        return explain(key) if explain is not None else ""
 
     def keys(self) -> list[str]:
         return self.inner.keys()
@@ -155,11 +170,14 @@ class _Root:
                 s.forget()
 
 
-def _canon_weights(w: BlockWeights | None) -> float | list[float] | None:
-    """One number when every block (and BASE) agrees, else the full BASE-first list: the recipe
-    embedded in a file never depends on a preset file or on how the user spelled the weights."""
+def _canon_weights(w: BlockWeights | None) -> float | list[float] | str | None:
+    """One number when every block (and BASE) agrees, else the full BASE-first list (as text when
+    elemental rules follow it): the recipe embedded in a file never depends on a preset file or on
+    how the user spelled the weights."""
     if w is None:
         return None
+    if w.rules:
+        return w.spec_text()
     vals = list(w.values)
     return vals[0] if all(v == vals[0] for v in vals) else vals
 
@@ -173,7 +191,7 @@ class _Plan:
     paths: dict[str, Path]
     files: dict[str, FileSource]
     nodes: dict[str, Source]
-    weights: dict[str, tuple[BlockWeights, BlockWeights | None]]
+    weights: dict[str, ParamValues]
     reports: dict[str, MergeReport]
     shared: list[_Shared]
     warnings: list[str]
@@ -255,25 +273,25 @@ def _plan(recipe: Recipe, stack: contextlib.ExitStack, presets: PresetBook | Non
         return base
 
     nodes: dict[str, Source] = {}
-    weights: dict[str, tuple[BlockWeights, BlockWeights | None]] = {}
+    weights: dict[str, ParamValues] = {}
     reports: dict[str, MergeReport] = {}
     warnings: list[str] = []
     for i in order:
         s, name = spec.steps[i], names[i]
         where = f"{src}: step {name!r} (#{i + 1})"
         m = get_method(s.method)
-        aw = parse_weights(s.alpha, arch, arg=f"{where}: alpha", base=s.base_alpha, keep_a=m.keep_a_alpha,
-                           presets=book)
-        bw = None
-        if m.uses_beta and len(s.models) > 1:
-            bw = parse_weights(s.beta if s.beta is not None else 0.0, arch, arg=f"{where}: beta",
-                               base=s.base_beta, keep_a=m.keep_a_beta, presets=book)
+        given = s.given_params()
         try:
-            node = MergeNode(m, [operand(r) for r in s.models], aw, bw, name=f"step {name!r}",
-                             fix_position_ids=s.fix_position_ids)
+            pv = resolve_params(m, arch, len(s.models), given, bases={"alpha": s.base_alpha, "beta": s.base_beta},
+                                presets=book, given_as={n: n for n in m.param_names(len(s.models))}, where=where)
+            node = MergeNode(m, [operand(r) for r in s.models], pv, name=f"step {name!r}",
+                             fix_position_ids=s.fix_position_ids, clamp=s.clamp)
+        except RecipeError:
+            raise
         except BlockmergeError as e:
-            raise RecipeError(f"{where}: {e}") from None
-        nodes[name], weights[name], reports[name] = node, (aw, bw), node.report
+            msg = str(e)
+            raise RecipeError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        nodes[name], weights[name], reports[name] = node, pv, node.report
         first = s.models[0]
         if first in files:
             check_position_ids(files[first], node.report, s.fix_position_ids)
@@ -302,6 +320,7 @@ def run_recipe(
     dry_run: bool = False,
     progress: bool = False,
     threads: int = 2,
+    allow_non_finite: bool = False,
 ) -> list[RecipeOutput]:
     """Check a recipe completely, then write each of its outputs in one streaming pass per output.
 
@@ -372,13 +391,14 @@ def run_recipe(
                 except BlockmergeError as e:
                     raise RecipeError(f"{src}: output {target.name}: vae {o.vae!r}: {e}") from None
             fmt = output_format(target, o.format)
-            results.append(_write_output(plan, node, target, step, o.dtype, fmt, o.vae, progress, threads))
+            results.append(_write_output(plan, node, target, step, o.dtype, fmt, o.vae, progress, threads,
+                                         allow_non_finite))
     return results
 
 
 def _write_output(
     plan: _Plan, node: Source, target: Path, step: str, dtype: str, fmt: str, vae: str | None,
-    progress: bool, threads: int,
+    progress: bool, threads: int, allow_non_finite: bool = False,
 ) -> RecipeOutput:
     spec = plan.recipe.spec
     inputs, steps = plan.needed(step, vae)
@@ -386,7 +406,7 @@ def _write_output(
     idx = {n: i for i, n in enumerate(plan.names)}
     last = spec.steps[idx[step]]
     m = get_method(last.method)
-    aw, bw = plan.weights[step]
+    pv = plan.weights[step]
 
     def text(hashes: Mapping[Path, Any] | None) -> str:
         data: dict[str, Any] = {"version": spec.version, "architecture": plan.arch.name, "inputs": {}, "steps": []}
@@ -396,25 +416,19 @@ def _write_output(
             data["inputs"][n] = {"path": i.path, "sha256": h, "keep_ema": True if i.keep_ema else None}
         for n in steps:
             s = spec.steps[idx[n]]
-            w_a, w_b = plan.weights[n]
+            values = plan.weights[n]
+            others = {k: _canon_weights(w) for k, w in values.items() if k not in ("alpha", "beta")}
             data["steps"].append({
                 "name": n, "method": s.method, "models": list(s.models),
-                "alpha": _canon_weights(w_a), "beta": _canon_weights(w_b),
+                "alpha": _canon_weights(values.get("alpha")), "beta": _canon_weights(values.get("beta")),
+                "params": others or None,
+                "clamp": True if s.clamp else None,
                 "fix_position_ids": True if s.fix_position_ids else None,
             })
         data["outputs"] = [{"step": step, "dtype": dtype, "format": fmt, "vae": vae}]
         return to_toml(data, EMBED_HEADER)
 
-    record_base = {
-        "method": m.name,
-        "formula": m.formula,
-        "architecture": plan.arch.name,
-        "alpha": aw.as_dict(),
-        "beta": bw.as_dict() if bw else None,
-        "dtype": dtype,
-        "format": fmt,
-        "steps": len(steps),
-    }
+    record_base = {**method_record(m, plan.arch.name, pv), "dtype": dtype, "format": fmt, "steps": len(steps)}
     roles = [r if r in spec.inputs else None for r in last.models]
 
     def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
@@ -424,14 +438,17 @@ def _write_output(
         ]
         vrec = input_record(inputs.index(vae), vae, plan.paths[vae], hashes, None) if vae else None
         record = {**record_base, "recipe": text(hashes)}
-        return build_metadata(record, records, a1111_method=m.a1111_name, multiplier=aw["BASE"],
+        alpha = pv.get("alpha")
+        return build_metadata(record, records, a1111_method=m.a1111_name,
+                              multiplier=alpha["BASE"] if alpha is not None else None,
                               half=dtype == "fp16", vae=vrec, a1111_roles=roles)
 
+    out_report = MergeReport()
     written, final = write_hashed(node, target, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress,
-                                  threads=threads)
+                                  threads=threads, allow_non_finite=allow_non_finite, report=out_report)
     rec = read_record(final) or {}
     return RecipeOutput(target, step, plan.arch.name, len(node.keys()), written, str(rec.get("recipe", "")),
-                        final, list(plan.warnings))
+                        final, [*plan.warnings, *out_report.warnings])
 
 
 def embedded_recipe(path: str | os.PathLike[str]) -> str | None:

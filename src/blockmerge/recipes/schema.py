@@ -19,9 +19,10 @@ Example::
 
     [[steps]]
     name = "ab"
-    method = "weighted_sum"            # weighted_sum | add_difference | scaled_sum
-    models = ["A", "B"]                # inputs or other steps
-    alpha = "GRAD_V"                   # number, 25/26 values, preset, or "IN04-IN08=0.5"
+    method = "weighted_sum"            # any method of `blockmerge methods`
+    models = ["A", "B"]                # inputs or other steps, in the method's operand order
+    alpha = "GRAD_V"                   # number, 25/26 values, preset, "IN04-IN08=0.5", rules after ';'
+    params = { }                       # the method's other parameters, e.g. { k = 0.3, w2 = "IN=0.5" }
 
     [[outputs]]
     path = "ab.safetensors"
@@ -79,7 +80,20 @@ class StepSpec(_Strict):
     base_alpha: Number | None = None
     beta: WeightValue | None = None
     base_beta: Number | None = None
+    params: dict[str, WeightValue] = Field(default_factory=dict)
+    clamp: bool = False
     fix_position_ids: bool = False
+
+    def given_params(self) -> dict[str, WeightValue]:
+        """Every parameter the step gives, α and β included (an error if one is given twice)."""
+        out = dict(self.params)
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if v is not None:
+                if name in out:
+                    raise ValueError(f"{name} is given both as {name} and in params")
+                out[name] = v
+        return out
 
 
 class OutputSpec(_Strict):
@@ -111,6 +125,7 @@ _WEIGHTS = "must be a number, a list of numbers (25/26; SDXL 19/20), a preset na
 _EXPECT = {
     "alpha": _WEIGHTS,
     "beta": _WEIGHTS,
+    "params": _WEIGHTS,
     "inputs": 'must be a path ("model.safetensors") or a table { path = "...", sha256 = "..." }',
 }
 
@@ -189,17 +204,27 @@ def check_graph(spec: RecipeSpec, source: str = "recipe") -> list[int]:
         m = METHODS.get(s.method)
         if m is None:
             raise RecipeError(f"{where}: unknown method {s.method!r} (choose from {', '.join(METHODS)})")
-        if not m.min_models <= len(s.models) <= m.max_models:
-            want = str(m.min_models) if m.min_models == m.max_models else f"{m.min_models} or {m.max_models}"
-            raise RecipeError(f"{where}: {m.name} needs {want} models, got {len(s.models)}")
+        try:
+            m.check_count(len(s.models))
+        except BlockmergeError as e:
+            raise RecipeError(f"{where}: {e}") from None
         for ref in s.models:
             if ref not in spec.inputs and ref not in index:
                 raise RecipeError(f"{where}: unknown model {ref!r} (inputs: {', '.join(spec.inputs) or 'none'}; "
                                   f"steps: {', '.join(names)})")
-        if s.alpha is None:
-            raise RecipeError(f"{where}: alpha is missing")
-        if not m.uses_beta and (s.beta is not None or s.base_beta is not None):
-            raise RecipeError(f"{where}: beta is only used by scaled_sum, not {m.name}")
+        try:
+            given = s.given_params()
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        known = m.param_names(len(s.models))
+        for pname in [*given, *(n for n, b in (("alpha", s.base_alpha), ("beta", s.base_beta)) if b is not None)]:
+            if pname not in known:
+                raise RecipeError(f"{where}: {m.name} has no parameter {pname!r} (its parameters: "
+                                  f"{', '.join(known) or 'none'})")
+        for pname in known:
+            p = m.lookup(pname, len(s.models))
+            if p.default is None and pname not in given:
+                raise RecipeError(f"{where}: {pname} is missing ({m.name}'s {pname}: {p.meaning})")
     order = _topological(spec, names, index, source)
     for j, o in enumerate(spec.outputs):
         where = f"{source}: output #{j + 1}"
@@ -268,6 +293,9 @@ def toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list | tuple):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        items = [f"{toml_key(str(k))} = {toml_value(x)}" for k, x in v.items() if x is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
