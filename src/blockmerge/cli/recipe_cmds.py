@@ -78,6 +78,34 @@ def cmd_import_mergeboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_mecha(args: argparse.Namespace) -> int:
+    from ..errors import BlockmergeError
+    from ..io import atomic_write, check_output_path
+    from ..recipes.mecha import mecha_to_toml
+
+    src = Path(args.recipe)
+    try:
+        text = sys.stdin.read() if args.recipe == "-" else src.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlockmergeError(f"{src}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    toml, warnings = mecha_to_toml(
+        text, "stdin" if args.recipe == "-" else str(src), output=args.model_output,
+        base_dir=Path(args.output).resolve().parent if args.output else None,
+    )
+    for w in warnings:
+        print(f"blockmerge: warning: {w}", file=sys.stderr)
+    if args.output:
+        out = Path(args.output)
+        check_output_path(out, [src] if args.recipe != "-" else [], args.overwrite)
+        with atomic_write(out) as f:
+            f.write(toml.encode("utf-8"))
+        if not args.quiet:
+            print(f"wrote {out}")
+    else:
+        sys.stdout.write(toml)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..compare import compare, compare_json_text, format_table, heatmap_svg
     from ..errors import BlockmergeError
@@ -130,6 +158,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_import_mergeboard)
+
+    p = sub.add_parser("import-mecha", help="turn an sd-mecha recipe (.mecha) into a blockmerge recipe",
+                       description="Read an sd-mecha recipe (the text sd_mecha.serialize writes) and write the same "
+                                   "merge as a blockmerge TOML recipe, for the methods whose formulas are the same "
+                                   "in both; any other method is an error naming it.")
+    p.add_argument("recipe", help="the .mecha file ('-' for stdin)")
+    p.add_argument("-o", "--output", help="recipe file to write (default: print it)")
+    p.add_argument("--model-output", metavar="FILE", help="the merged checkpoint the recipe writes when run")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_import_mecha)
 
     p = sub.add_parser("compare", help="where two models differ, per component and U-Net block",
                        description="Relative distance and cosine per text encoder / VAE / block, the most "

@@ -225,11 +225,15 @@ class MergeEdit:
     method: str
     params: Mapping[str, BlockWeights]
     donors: tuple[str, ...] = ()
+    # The architecture's block ids (BASE first), for methods without parameters; else the params'.
+    ids: tuple[str, ...] = ()
 
     def changed_blocks(self) -> list[str]:
         """Blocks some tensor of which differs from A: non-identity block values, or a rule there."""
         m = get_method(self.method)
-        ids = next(iter(self.params.values())).ids if self.params else ()
+        ids = next(iter(self.params.values())).ids if self.params else self.ids
+        if not ids:
+            raise BlockmergeError(f"{self.method}: an edit without parameters needs the architecture's block ids")
         out = []
         for b in ids:
             values = {n: w[b] for n, w in self.params.items()}
@@ -277,6 +281,7 @@ class InPlaceModel:
         self.params = pipeline_parameters(loaded.pipeline)
         self.donors: dict[str, dict[str, torch.nn.Parameter]] = {}
         self._stats_cache: dict[Any, Any] = {}
+        self._donor_paths: dict[str, Any] = {}
         for name, d in (donors or {}).items():
             self.add_donor(name, d)
         self._active = False
@@ -289,6 +294,7 @@ class InPlaceModel:
             )
         dparams = pipeline_parameters(loaded.pipeline)
         self._stats_cache.clear()
+        self._donor_paths[name] = loaded.path
         for q, p in self.params.items():
             d = dparams.get(q)
             if d is None or (d.shape != p.shape and not self._partial_ok(q, p, d)):
@@ -317,27 +323,26 @@ class InPlaceModel:
         return ops
 
     def _stats(self, edit: MergeEdit) -> Any:
-        """A method's model-wide statistics over the loaded models (cached: they do not depend on
-        the parameters), computed from every single-file tensor as a file merge computes them."""
+        """A method's model-wide statistics, cached (they depend on the models, not the parameters).
+
+        Computed by the merge engine from the models' files, because the loaded pipeline does not hold
+        every tensor a file merge measures (SD2's unused last text-encoder layer, ``logit_scale``).
+        """
         m = get_method(edit.method)
         if m.statistics is None:
             return None
         cache_key = (m.name, edit.donors)
         if cache_key not in self._stats_cache:
-            current = self.params
-            kept = []
-            for b in self.map.blocks:
-                for key, members in self.map.groups(b).items():
-                    if not m.statistics.applies(key) or not current[members[0][0]].dtype.is_floating_point:
-                        continue
-                    ops = self._operands(members, current, edit.donors, self.map.ldm_shapes.get(key))
-                    if any(o.shape != ops[0].shape for o in ops[1:]):
-                        continue
-                    ct = torch.float64 if any(o.dtype == torch.float64 for o in ops) else torch.float32
-                    v = m.statistics.collect(key, [o.to(ct) for o in ops])
-                    if v is not None:
-                        kept.append(v.detach().to(torch.float64).reshape(-1))
-            self._stats_cache[cache_key] = m.statistics.reduce(kept)
+            from ..merge.nodes import FileSource
+
+            paths = [self.loaded.path, *(self._donor_paths[n] for n in edit.donors)]
+            sources = [FileSource(p) for p in paths]
+            try:
+                node = MergeNode(m, sources, dict(edit.params))
+                self._stats_cache[cache_key] = node._ensure_stats()
+            finally:
+                for src in sources:
+                    src.close()
         return self._stats_cache[cache_key]
 
     @torch.no_grad()

@@ -157,7 +157,7 @@ def custom_variant(
     if donors:
         vparams["donors"] = ",".join(donors)
     v = Variant(f"custom:{name}", "custom", None, vparams, name, group="custom")
-    return PlannedVariant(v, MergeEdit(m.name, pv, tuple(donors)))
+    return PlannedVariant(v, MergeEdit(m.name, pv, tuple(donors), ids=arch.all_ids))
 
 
 # ----------------------------------------------------------------------------------------------

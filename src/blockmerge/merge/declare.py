@@ -198,6 +198,10 @@ class MergeMethod:
     # Optional check of one tensor's kernel values together (e.g. weights that must not sum to 0):
     # returns an error message or None. Checked per block and rule before any work.
     constraint: Callable[[Mapping[str, Value]], str | None] | None = field(default=None, repr=False, compare=False)
+    # The operands whose per-element range ``clamp`` clips to; empty: every model operand. Methods
+    # that add a difference (B - C) to A clip to A and B, as sd-meh's weights_clip and sd-mecha's
+    # clamp_to_ab do: C only enters through the difference.
+    clamp_to: tuple[str, ...] = ()
 
     # --- operands ---------------------------------------------------------------------------
     @property
@@ -385,6 +389,7 @@ def merge_method(
     statistics: Statistics | None = None,
     min_variadic: int = 1,
     constraint: Callable[[Mapping[str, Value]], str | None] | None = None,
+    clamp_to: Sequence[str] = (),
     name: str | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Declare a merge method from a kernel function (see the module docstring) and register it."""
@@ -424,6 +429,9 @@ def merge_method(
         for k in identity or {}:
             if not any(q.name == k for q in params):
                 raise TypeError(f"merge method {mname}: identity names unknown parameter {k!r}")
+        for c in clamp_to:
+            if not any(o.name == c for o in operands):
+                raise TypeError(f"merge method {mname}: clamp_to names unknown operand {c!r}")
         for q in params:
             if q.requires and not any(o.name == q.requires and o.optional for o in operands):
                 raise TypeError(f"merge method {mname}: {q.name} requires unknown optional operand {q.requires!r}")
@@ -432,7 +440,7 @@ def merge_method(
             elementwise=elementwise, kernel=fn, identity=MappingProxyType(dict(identity or {})),
             a1111_name=a1111 or mname, summary=(inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " "),
             source=source, statistics=statistics, min_variadic=min_variadic, wants_ctx=wants_ctx,
-            constraint=constraint,
+            constraint=constraint, clamp_to=tuple(clamp_to),
         )
         if mname in _REGISTRY:
             raise TypeError(f"merge method {mname!r} is declared twice")

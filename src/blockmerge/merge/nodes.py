@@ -185,7 +185,9 @@ class MergeNode:
         self.space = method.result
         if clamp and method.result != MODEL:
             raise BlockmergeError(f"--clamp: {method.name} gives a delta; clamping needs a model result")
-        if clamp and sum(1 for sp in self.spaces if sp == MODEL) < 2:
+        bounding = [r for sp, r in zip(self.spaces, self.roles, strict=True)
+                    if sp == MODEL and (not method.clamp_to or r.name in method.clamp_to)]
+        if clamp and len(bounding) < 2:
             raise BlockmergeError(f"--clamp: {method.name} here has fewer than two model operands to clamp between")
         self.arch = operands[0].arch
         for op in operands[1:]:
@@ -344,7 +346,8 @@ class MergeNode:
         return Context(key=key, seed=int(values.get("seed", 0)), stats=self._ensure_stats())
 
     def _bounds(self, ops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        models = [t for t, sp in zip(ops, self.spaces, strict=True) if sp == MODEL]
+        models = [t for t, sp, r in zip(ops, self.spaces, self.roles, strict=True)
+                  if sp == MODEL and (not self.method.clamp_to or r.name in self.method.clamp_to)]
         lo, hi = models[0].clone(), models[0].clone()
         for t in models[1:]:
             torch.minimum(lo, t, out=lo)

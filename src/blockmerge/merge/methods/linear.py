@@ -22,7 +22,7 @@ def weighted_sum(a: Model, b: Model, *, alpha: float = Param(None, ALPHA_SHARE))
 
 
 @merge_method(formula="A + α·(B - C)", elementwise=True, identity={"alpha": 0.0}, a1111="Add difference",
-              source="A1111 checkpoint merger 'Add difference'")
+              source="A1111 checkpoint merger 'Add difference'", clamp_to=("a", "b"))
 def add_difference(a: Model, b: Model, c: Model, *,
                    alpha: float = Param(None, "factor of the difference B - C added to A")) -> Model:
     """Add what B learned relative to C (e.g. a fine-tune minus its base) to A."""
@@ -88,7 +88,7 @@ def add_delta(a: Model, d: Delta, *, alpha: float = Param(1.0, "factor of the de
 
 
 @merge_method(formula="A + α·(B - C)·|B - A| / (|B - C| + |B - A|) · 1.8", elementwise=True,
-              identity={"alpha": 0.0}, source="supermerger trainDifference")
+              identity={"alpha": 0.0}, source="supermerger trainDifference", clamp_to=("a", "b"))
 def train_difference(a: Model, b: Model, c: Model, *,
                      alpha: float = Param(None, "strength of the 'trained' difference (supermerger's α)")) -> Model:
     """Add B - C to A scaled per element by how far B is from A, as if training the difference into A."""
@@ -100,7 +100,7 @@ def train_difference(a: Model, b: Model, c: Model, *,
 
 
 @merge_method(formula="C + sign((1-β)·A + β·B - C)·|A - C|^(1-α)·|B - C|^α", elementwise=True,
-              identity={"alpha": 0.0, "beta": 0.0}, source="sd-meh multiply_difference")
+              identity={"alpha": 0.0, "beta": 0.0}, source="sd-meh multiply_difference", clamp_to=("a", "b"))
 def multiply_difference(a: Model, b: Model, c: Model, *,
                         alpha: float = Param(None, "exponent share of B's distance from C"),
                         beta: float = Param(0.0, "B's share in the sign of the result")) -> Model:

@@ -39,7 +39,7 @@ def slerp(a: Model, b: Model, *, alpha: float = Param(None, ALPHA_SHARE)) -> Mod
 
 
 @merge_method(formula="A + α·(Δb - Δa·⟨Δa,Δb⟩/|Δa|²), Δa = A - C, Δb = B - C", elementwise=False,
-              identity={"alpha": 0.0}, source="sd-mecha add_perpendicular")
+              identity={"alpha": 0.0}, source="sd-mecha add_perpendicular", clamp_to=("a", "b"))
 def add_perpendicular(a: Model, b: Model, c: Model, *,
                       alpha: float = Param(1.0, "factor of the part of B - C orthogonal to A - C")) -> Model:
     """Add only what B - C has that A - C does not already point at (its orthogonal component)."""
@@ -137,7 +137,7 @@ def add_cosine_b(a: Model, b: Model, *, alpha: float = Param(None, "how much of 
 
 
 @merge_method(formula="A + α·gauss₁(median₃(B - C))", elementwise=False, identity={"alpha": 0.0},
-              source="supermerger smoothAdd")
+              source="supermerger smoothAdd", clamp_to=("a", "b"))
 def smooth_add_difference(a: Model, b: Model, c: Model, *,
                           alpha: float = Param(None, "factor of the smoothed difference")) -> Model:
     """Add difference with B - C filtered (3-wide median, then Gaussian σ = 1) to avoid 'burning'."""
