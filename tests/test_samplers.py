@@ -352,3 +352,172 @@ def test_ensd_changes_ancestral_noise_only(tiny) -> None:
     euler = GenerationParams(prompt=PROMPT, steps=4, sampler="Euler", seeds=(5,), rng="CPU")
     euler_ensd = GenerationParams(prompt=PROMPT, steps=4, sampler="Euler", seeds=(5,), rng="CPU", ensd=31337)
     assert torch.equal(generate(tiny, euler)[0].latent, generate(tiny, euler_ensd)[0].latent)
+
+
+# --- A1111's own loops against independent references ----------------------------------------------
+
+
+def _cfg_eps(tiny, params: GenerationParams, b: int):
+    """Classifier-free-guided eps of the U-Net at integer/float timesteps (the timestep samplers' model)."""
+    emb = encode_prompts(tiny, params)
+    c = emb.conds[0][0][0][1].crossattn.repeat(b, 1, 1)
+    u = emb.uncond[0][1].crossattn.repeat(b, 1, 1)
+    unet = tiny.pipeline.unet
+
+    def eps(x, t):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([c, u])).sample
+        return out[b:] + (out[:b] - out[b:]) * params.cfg_scale
+
+    return eps
+
+
+def _start(seeds: list[int]) -> torch.Tensor:
+    return torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def test_ddim_equals_diffusers_ddim(tiny) -> None:
+    """A1111's DDIM (its timesteps, stopping at t=1) is diffusers' DDIMScheduler stepping over the same
+    timesteps with the same alphas."""
+    from diffusers import DDIMScheduler
+
+    for steps in (5, 7):
+        p = GenerationParams(prompt=PROMPT, negative_prompt=NEG, steps=steps, sampler="DDIM", seeds=(3,), rng="CPU")
+        ours = generate(tiny, p)[0].latent
+        sched = DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=False, clip_sample=False)
+        sched.alphas_cumprod = _ref_alphas()
+        sched.num_inference_steps = 1000 // (1000 // steps)
+        ts = [int(t) for t in a1111_timesteps(steps)]
+        eps, x = _cfg_eps(tiny, p, 1), _start([3])
+        with torch.inference_mode():
+            for i in range(len(ts) - 1, 0, -1):
+                # diffusers steps to t - 1000 // num_inference_steps, which is A1111's previous timestep
+                assert ts[i] - 1000 // sched.num_inference_steps == ts[i - 1]
+                x = sched.step(eps(x, ts[i]), ts[i], x, eta=0.0).prev_sample
+        assert (ours - x[0]).abs().max().item() < 1e-4
+
+
+def test_plms_and_ddim_cfgpp_equal_their_formulas(tiny) -> None:
+    ac = _ref_alphas().double()
+    steps = 6
+    ts = [int(t) for t in a1111_timesteps(steps)]
+    for name in ("PLMS", "DDIM CFG++"):
+        p = GenerationParams(prompt=PROMPT, negative_prompt=NEG, steps=steps, sampler=name, seeds=(2,), rng="CPU")
+        ours = generate(tiny, p)[0].latent
+        emb = encode_prompts(tiny, p)
+        c, u = emb.conds[0][0][0][1].crossattn, emb.uncond[0][1].crossattn
+        unet = tiny.pipeline.unet
+        x = _start([2])
+
+        def both(x, t):
+            tt = torch.tensor([float(t)] * 2)
+            out = unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.stack([c, u])).sample
+            return out[:1], out[1:]
+
+        def step(x, e, t, t_prev, direction=None):
+            a, a_prev = ac[t].item(), ac[t_prev].item()
+            x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
+            return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * (e if direction is None else direction)
+
+        old: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for i in range(len(ts) - 1, 0, -1):
+                ce, ue = both(x, ts[i])
+                if name == "DDIM CFG++":
+                    e = ue + (ce - ue) * (p.cfg_scale / 12.5)
+                    x = step(x, e, ts[i], ts[i - 1], direction=ue)
+                    continue
+                e = ue + (ce - ue) * p.cfg_scale
+                if not old:
+                    ce2, ue2 = both(step(x, e, ts[i], ts[i - 1]), ts[i - 1])
+                    e_prime = (e + ue2 + (ce2 - ue2) * p.cfg_scale) / 2
+                else:
+                    coeffs = {1: [3, -1], 2: [23, -16, 5], 3: [55, -59, 37, -9]}[min(len(old), 3)]
+                    div = {1: 2, 2: 12, 3: 24}[min(len(old), 3)]
+                    hist = [e, *old[::-1]][: len(coeffs)]
+                    e_prime = sum(k * h for k, h in zip(coeffs, hist, strict=True)) / div
+                x = step(x, e_prime, ts[i], ts[i - 1])
+                old = (old + [e])[-3:]
+        assert (ours - x[0]).abs().max().item() < 5e-4, name  # the formulas here run in float64
+
+
+def test_unipc_equals_diffusers_unipc_on_an_exact_grid(tiny) -> None:
+    """26 steps are 27 timesteps: A1111's continuous times then fall on whole timesteps
+    (999, 962, ..., 0), where diffusers' UniPC (bh1, order 3, x0 prediction, ending at sigma_min) is the
+    same algorithm."""
+    from diffusers import UniPCMultistepScheduler
+
+    p = GenerationParams(prompt=PROMPT, negative_prompt=NEG, steps=26, sampler="UniPC", seeds=(4,), rng="CPU")
+    ours = generate(tiny, p)[0].latent
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, trained_betas=betas.tolist(), solver_order=3,
+                                    solver_type="bh1", predict_x0=True, lower_order_final=True,
+                                    timestep_spacing="linspace", final_sigmas_type="sigma_min")
+    sched.set_timesteps(27)
+    assert [int(t) for t in sched.timesteps] == list(range(999, 0, -37))
+    eps, x = _cfg_eps(tiny, p, 1), _start([4])
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            x = sched.step(eps(x, t), t, x).prev_sample
+    assert (ours - x[0]).abs().max().item() < 2e-3
+
+
+def test_restart_equals_heun_segments_of_k_diffusion(tiny) -> None:
+    """Restart is Heun steps over A1111's step list (a Karras schedule with 9 restart steps back up to
+    sigma 2 at sigma 0.1, for 20+ steps), re-noised with the image's stream on the way up."""
+    sampling, _ = kdiffusion_ref.load()
+    steps = 20
+    p = GenerationParams(prompt=PROMPT, steps=steps, sampler="Restart", seeds=(7,), rng="CPU", cfg_scale=5.0)
+    ours = generate(tiny, p)[0].latent
+    eps = _cfg_eps(tiny, p, 1)
+    wrap = _ref_schedule()
+
+    def denoise(x, sigma, **_):
+        t = wrap.sigma_to_t(sigma)
+        return x - eps(x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5, t) * sigma[:, None, None, None]
+
+    full = sampling.get_sigmas_karras(steps, wrap.sigmas[0].item(), wrap.sigmas[-1].item())
+    main = sampling.get_sigmas_karras(steps - 9, full[-2].item(), full[0].item())
+    at = int(torch.argmin((main - 0.1).abs()))
+    top = int(torch.argmin((main - 2).abs()))
+    pairs = [(main[i], main[i + 1]) for i in range(len(main) - 1)]
+    restart = sampling.get_sigmas_karras(10, main[at].item(), main[top].item())[:-1]
+    pairs[at:at] = list(zip(restart[:-1], restart[1:], strict=True))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((4, 8, 8), generator=g)[None] * full[0]
+    last = None
+    with torch.inference_mode():
+        for s0, s1 in pairs:
+            if last is not None and last < s0:
+                x = x + torch.randn((4, 8, 8), generator=g)[None] * (s0**2 - last**2) ** 0.5
+            x = sampling.sample_heun(denoise, x, torch.stack([s0, s1]), disable=True)
+            last = s1
+    assert (ours - x[0]).abs().max().item() < 1e-4
+
+
+def test_lcm_equals_its_consistency_formula(tiny) -> None:
+    """LCM: 50 original timesteps (19, 39, ..., 999), the consistency-model output at the nearest one,
+    re-noised to the next sigma with the image's stream."""
+    steps = 4
+    p = GenerationParams(prompt=PROMPT, steps=steps, sampler="LCM", seeds=(8,), rng="CPU", cfg_scale=1.5)
+    ours = generate(tiny, p)[0].latent
+    eps = _cfg_eps(tiny, p, 1)
+    ac = _ref_alphas()
+    valid = ac[19::20]  # alphas of timesteps 19, 39, ..., 999
+    sig = ((1 - valid) / valid) ** 0.5
+    t_cont = torch.linspace(999, 19, steps)
+    idx = ((t_cont - 19) / 20).clamp(0, 49)
+    lo, hi, w = idx.floor().long(), idx.ceil().long(), idx.frac()
+    sigmas = torch.cat([((1 - w) * sig.log()[lo] + w * sig.log()[hi]).exp(), torch.zeros(1)])
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn((4, 8, 8), generator=g)[None] * sigmas[0]
+    with torch.inference_mode():
+        for i in range(steps):
+            s = sigmas[i]
+            t = (sig.log() - s.log()).abs().argmin() * 20 + 19
+            x0 = x - eps(x / (s**2 + 1) ** 0.5, t.float()) * s
+            st = t.float() * 10.0
+            x = st / (st**2 + 0.25) ** 0.5 * x0 + 0.25 / (st**2 + 0.25) * x
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * torch.randn((4, 8, 8), generator=g)[None]
+    assert (ours - x[0]).abs().max().item() < 1e-4
