@@ -84,9 +84,10 @@ def test_multiline_prompts_and_quoted_values() -> None:
     assert info.negative_prompt == "bad,\nworse"
     assert info.params["Lora hashes"] == "a: 1a2b, b: 3c4d"
     assert info.params["Note"] == 'say "hi"\nthere'
-    assert info.params["Tiling"] == "Tiling"
+    assert "Tiling" not in info.params  # a bare word is no pair for A1111's reader: skipped, with a note
+    assert any("'Tiling'" in n for n in info.notes)
     assert info.cfg_scale == 7.5 and info.clip_skip == 2 and (info.width, info.height) == (640, 768)
-    assert unsupported_fields(info) == ["Lora hashes", "Note", "Tiling"]
+    assert unsupported_fields(info) == ["Lora hashes", "Note"]
     again = format_infotext(info)
     assert 'Lora hashes: "a: 1a2b, b: 3c4d"' in again
     assert parse_infotext(again) == info
@@ -140,7 +141,7 @@ def test_build_matches_a1111_layout() -> None:
 
 def test_unknown_sampler_and_schedule_are_unsupported() -> None:
     info = parse_infotext(
-        "p\nSteps: 20, Sampler: Restart, Schedule type: Align Your Steps, CFG scale: 7, Seed: 1"
+        "p\nSteps: 20, Sampler: Fancy a, Schedule type: Wobbly, CFG scale: 7, Seed: 1"
     )
     assert unsupported_fields(info) == ["Sampler", "Schedule type"]
 

@@ -154,7 +154,13 @@ class GenerationParams:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise BlockmergeError(f"{name}: must be a finite number >= 0, got {v}")
-        resolve_sampler(self.sampler, self.schedule_type, source="--sampler")
+        name, _ = resolve_sampler(self.sampler, self.schedule_type, source="--sampler")
+        if name == "UniPC":
+            from .tsamplers import a1111_timesteps
+
+            n = len(a1111_timesteps(self.steps, self.discard_penultimate))
+            if n < 3:
+                raise BlockmergeError(f"--steps {self.steps}: UniPC (order 3, as in A1111) needs at least 3 steps")
         return self
 
     @property

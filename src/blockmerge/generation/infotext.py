@@ -54,7 +54,7 @@ _NEGATIVE = "Negative prompt:"
 
 # A1111's re_param, verbatim in meaning: key of 2+ characters, then a JSON string or anything up to ','.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_KEY = re.compile(r"\w[\w \-/]*\w")
+_KEY = re.compile(r"\w[\w \-/]*[\w\-/]")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 #: Keys whose effect blockmerge reproduces when generating from an infotext.
@@ -256,7 +256,7 @@ class Infotext:
         for key in self.params:
             if not _KEY.fullmatch(key):
                 raise _err(self.source, key, "keys must be 2+ letters, digits, spaces, '-', '/' or '_', "
-                                             "starting and ending with a letter or digit")
+                                             "starting with a letter or digit and not ending in a space")
         return self
 
     @classmethod
@@ -311,6 +311,9 @@ def parse_infotext(text: str, source: str = "infotext", require_params: bool = T
     matches = list(_PARAM.finditer(last))
     notes: list[str] = []
     if len(matches) < 3:
+        if matches and not require_params:
+            notes.append(f"the last line has only {len(matches)} 'Key: value' pair(s); A1111 reads it as prompt "
+                         "text (a parameter line needs 3), so it is not applied")
         if require_params:
             raise _err(source, "parameters",
                        "no parameter line ('Steps: 20, Sampler: Euler a, CFG scale: 7, ...') at the end")
