@@ -210,3 +210,27 @@ def test_generate_without_model_uses_the_bundled_default(tmp_path, capsys):
     assert info.model == "tiny-a"
     assert info.model_hash == file_hashes(resolve_model("tiny-a")).sha256[:10]
     assert info.size == (64, 64)  # the bundled model's own resolution
+
+
+def test_sdxl_prompts_take_the_a1111_path(sdxl):
+    """SDXL prompts go through A1111's chunking and emphasis on both encoders; for a plain short prompt
+    that is exactly diffusers' SDXL encoding (penultimate layers, pooled from the second encoder), and
+    an empty negative prompt is zeros in both."""
+    import torch
+
+    from blockmerge.generation.generate import encode_prompts
+
+    p = GenerationParams(prompt="a cat on a mat", steps=2, width=64, height=64)
+    emb = encode_prompts(sdxl, p)
+    with torch.no_grad():
+        pe, ne, pp, npp = sdxl.pipeline.encode_prompt(prompt=p.prompt, negative_prompt=None, device="cpu",
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=True)
+    cond = emb.conds[0][0][0][1]
+    torch.testing.assert_close(cond.crossattn, pe[0].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.pooled, pp[0].float(), rtol=1e-5, atol=1e-5)
+    uncond = emb.uncond[0][1]
+    assert not uncond.crossattn.any() and not uncond.pooled.any() and not ne.any() and not npp.any()
+    weighted = encode_prompts(sdxl, GenerationParams(prompt="a (cat:1.5) on a mat", steps=2))
+    assert not torch.allclose(weighted.conds[0][0][0][1].crossattn, cond.crossattn)  # emphasis applies
+    long = encode_prompts(sdxl, GenerationParams(prompt="cat, " * 50 + "BREAK mat", steps=2))
+    assert long.conds[0][0][0][1].crossattn.shape[0] == 77 * 3  # chunks and BREAK as in A1111
