@@ -207,10 +207,12 @@ def load_pipeline(
     max_len = int(configs.text_encoders[0].config["max_position_embeddings"])
     tokenizers = [load_clip_tokenizer(max_length=max_len, pad_token=s.pad_token) for s in configs.text_encoders]
     # The pipeline object wants a scheduler; blockmerge samples with A1111's loop (generate.py) and
-    # never calls it, so this only makes the pipeline usable on its own (diffusers' Euler).
-    from diffusers import EulerDiscreteScheduler
+    # never calls it. This one (diffusers' Euler ancestral on k-diffusion's linspace timesteps) makes
+    # the pipeline usable on its own, as the tiny-model quality measurements use it.
+    from diffusers import EulerAncestralDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction})
+    scheduler = EulerAncestralDiscreteScheduler.from_config(
+        {**SD_SCHEDULER_CONFIG, "timestep_spacing": "linspace", "prediction_type": prediction})
 
     for m in (unet, vae, *text_encoders):
         m.eval()
