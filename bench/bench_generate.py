@@ -38,10 +38,10 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     args = ap.parse_args()
 
-    from blockmerge.generation.generate import GenerationParams, generate
-    from blockmerge.generation.loader import load_pipeline
     from diffusers import EulerAncestralDiscreteScheduler
 
+    from blockmerge.generation.generate import GenerationParams, generate
+    from blockmerge.generation.loader import load_pipeline
     from blockmerge.generation.samplers import SD_SCHEDULER_CONFIG
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 from pathlib import Path
@@ -235,10 +236,8 @@ def _a1111_reader(x: str) -> tuple[str, str, dict[str, str]]:
         if not v:
             continue
         if v[0] == '"' and v[-1] == '"':
-            try:
+            with contextlib.suppress(ValueError):
                 v = json.loads(v)
-            except ValueError:
-                pass
         res[k] = v
     return prompt, negative, res
 
@@ -261,10 +260,8 @@ def test_no_input_crashes_the_reader(text: str) -> None:
         except BlockmergeError as e:
             assert str(e).startswith("t.txt")
             continue
-        try:
+        with contextlib.suppress(BlockmergeError):
             GenerationParams.from_infotext(info)
-        except BlockmergeError:
-            pass
 
 
 _lines = st.lists(st.text(_PRINTABLE, max_size=25), max_size=4).map("\n".join)

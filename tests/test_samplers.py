@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+import kdiffusion_ref
 from blockmerge.errors import BlockmergeError
 from blockmerge.generation.generate import GenerationParams, encode_prompts, generate
 from blockmerge.generation.noise import ImageNoise, effective_source, philox_randn
 from blockmerge.generation.samplers import SAMPLERS, SCHEDULE_TYPES, SigmaOptions, k_sigmas, resolve_sampler
 from blockmerge.generation.schedules import DiscreteSchedule, ldm_alphas_cumprod
 from blockmerge.generation.tsamplers import a1111_timesteps
-
-import kdiffusion_ref
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -409,7 +408,7 @@ def test_plms_and_ddim_cfgpp_equal_their_formulas(tiny) -> None:
         unet = tiny.pipeline.unet
         x = _start([2])
 
-        def both(x, t):
+        def both(x, t, c=c, u=u, unet=unet):
             tt = torch.tensor([float(t)] * 2)
             out = unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.stack([c, u])).sample
             return out[:1], out[1:]

@@ -27,7 +27,14 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import BlockmergeError
-from .infotext import KNOWN_UNSUPPORTED, Infotext, format_infotext, normalize_prompt, png_info, unsupported_fields
+from .infotext import (
+    KNOWN_UNSUPPORTED,
+    Infotext,
+    format_infotext,
+    normalize_prompt,
+    png_info,
+    unsupported_fields,
+)
 from .noise import RNG_SOURCES, SEED_MAX
 
 _SEED_RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")

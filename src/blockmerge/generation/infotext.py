@@ -21,6 +21,7 @@ strips and the tokenizer ignores, are normalised (:func:`normalize_prompt`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -342,10 +343,8 @@ def parse_infotext(text: str, source: str = "infotext", require_params: bool = T
             notes.append(f"field {key!r} has an empty value and was skipped")
             continue
         if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-            try:
+            with contextlib.suppress(ValueError):  # A1111 keeps such values as written
                 value = json.loads(value)
-            except ValueError:
-                pass  # A1111 keeps such values as written
         params[key] = value
     gap = last[pos:].strip(" ,") if matches else ""
     if gap:

@@ -196,7 +196,7 @@ def prompt_schedules(prompt: str, steps: int, use_old_scheduling: bool = False) 
                 yield (before or ()) if step <= when else after
 
             def alternate(self, args: list[Any]) -> Any:
-                options = ["" if not a else a for a in args]
+                options = [a if a else "" for a in args]
                 yield options[(step - 1) % len(options)]
 
             def start(self, args: list[Any]) -> str:

@@ -46,7 +46,7 @@ def ddim(model: EpsModel, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumpr
     """DDIM; with ``cfgpp`` (the unconditional eps of the last call) it is DDIM CFG++ (Chung et al.
     2024), whose direction term follows the unconditional prediction."""
     alphas, alphas_prev, sqrt_one_minus, sigmas = _ddim_tables(alphas_cumprod, timesteps, eta)
-    s_in = x.new_ones((x.shape[0]))
+    s_in = x.new_ones(x.shape[0])
     s_x = x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i
