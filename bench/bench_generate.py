@@ -5,8 +5,10 @@ same model and settings, and four seeds in one batch vs one at a time.
 
 Both contenders run in this process on the same loaded pipeline (the model load is common to both
 and timed separately), alternating so that neither gets a warmer cache. The plain call is what a
-diffusers user writes: ``pipe(prompt, negative_prompt, ...)`` with a seeded generator; blockmerge
-adds A1111 prompt weighting/chunking, per-seed noise, final latents and a separate VAE decode.
+diffusers user writes: ``pipe(prompt, negative_prompt, ...)`` with a seeded generator and diffusers'
+Euler ancestral scheduler; blockmerge runs A1111's own loop instead (prompt weighting/chunking and
+schedules, k-diffusion's Euler a over the CompVis wrapper, the NV noise stream per seed, final
+latents, a separate VAE decode).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     args = ap.parse_args()
 
+    from diffusers import EulerAncestralDiscreteScheduler
+
     from blockmerge.generation.generate import GenerationParams, generate
     from blockmerge.generation.loader import load_pipeline
-    from blockmerge.generation.samplers import SD_SCHEDULER_CONFIG, make_scheduler
+    from blockmerge.generation.samplers import SD_SCHEDULER_CONFIG
 
     try:
         from blockmerge.models import resolve_model
@@ -57,7 +61,8 @@ def main() -> int:
                               cfg_scale=7.0, width=size, height=size, seeds=(1,))
 
     def plain(seed: int) -> None:
-        pipe.scheduler = make_scheduler("Euler a", SD_SCHEDULER_CONFIG, loaded.prediction_type)
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+            {**SD_SCHEDULER_CONFIG, "timestep_spacing": "linspace", "prediction_type": loaded.prediction_type})
         with torch.inference_mode():
             pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.0,
                  width=size, height=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")

@@ -19,5 +19,12 @@ if [ ! -f .cache/test-inputs/openai-clip-1.0.1.tar.gz ]; then
     || echo "test.sh: could not fetch the openai-clip sdist; reference tokenizer comparison will skip"
 fi
 export BLOCKMERGE_OPENAI_CLIP_SDIST="$PWD/.cache/test-inputs/openai-clip-1.0.1.tar.gz"
+# The reference sampler loops (k-diffusion's own sampling.py, the version A1111 pins) that sampler tests
+# compare against: the wheel is a test input read with zipfile, never installed or imported by blockmerge.
+if [ ! -f .cache/test-inputs/k_diffusion-0.1.1.post1-py3-none-any.whl ]; then
+  python -m pip download -q --no-deps -d .cache/test-inputs "k-diffusion==0.1.1.post1" \
+    || echo "test.sh: could not fetch the k-diffusion wheel; reference sampler comparisons will fail"
+fi
+export BLOCKMERGE_KDIFFUSION_WHEEL="$PWD/.cache/test-inputs/k_diffusion-0.1.1.post1-py3-none-any.whl"
 python -m ruff check src tests bench
 python -m pytest -q "$@"

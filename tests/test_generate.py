@@ -81,7 +81,7 @@ def test_params_from_the_articles_style_infotext():
     p = GenerationParams.from_infotext(parse_infotext(text), steps=10, seeds=[1, 2, 3, 4])
     assert (p.steps, p.sampler, p.cfg_scale, p.width, p.height, p.seeds) == (10, "Euler a", 7.0, 512, 512, (1, 2, 3, 4))
     assert p.negative_prompt == "lowres, bad anatomy"
-    assert "Face restoration" in p.ignored
+    assert any("'Face restoration'" in note and "CodeFormer" in note for note in p.ignored)
 
 
 def test_parse_seeds():
@@ -119,7 +119,12 @@ def test_generate_command(tiny_sd1_paths, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args,msg",
-    [(["--infotext", "x\nSteps: 20, Size: 500x512"], "Size"), (["--infotext", "x\nSteps: abc"], "Steps"),
+    [(["--infotext", "x\nSteps: 20, Sampler: Euler, Size: 500x512"], "Size"),
+     (["--infotext", "x\nSteps: abc, Sampler: Euler, CFG scale: 7"], "Steps"),
+     (["--infotext", "x\nSteps: 2, Sampler: Euler, Seed: 18446744073709551616"], "Seed"),
+     (["--seed", "18446744073709551616"], "--seed"), (["--seed", "-2"], "--seed"),
+     (["--infotext", "x\nSteps: 2, Sampler: Euler, RNG: TPU"], "RNG"),
+     (["--sampler", "UniPC", "--steps", "2"], "UniPC"),
      (["--sampler", "Euler z"], "Euler z"), (["--width", "100"], "--width"), (["--seed", "a-b"], "--seed")],
 )
 def test_generate_bad_input(tiny_sd1_paths, tmp_path, capsys, args, msg):
@@ -150,23 +155,49 @@ def test_generation_runs_with_sockets_blocked(tiny_sd1_paths, tmp_path, monkeypa
     assert attempts == []
 
 
-def test_same_seed_gives_what_a_plain_diffusers_call_gives(sd1):
-    """A seed's noise stream continues from the starting latent into the sampler's per-step noise,
-    as in diffusers (and A1111): a plain pipeline call seeded the same draws the same image. (A fresh
-    generator per step source would repeat the starting noise as the first step's noise.)"""
-    import torch
+def test_infotext_says_what_changed_the_image(sd1, tmp_path):
+    """Schedule type, RNG (the one that drew), ENSD, Eta, Pad conds and Emphasis are written, and reading
+    the PNG back gives the same parameters and pixels."""
+    p = GenerationParams(prompt="a " + "red circle, " * 30, negative_prompt="blue", steps=3, sampler="DPM++ 2M",
+                         seeds=(5,), width=64, height=64, ensd=31337, pad_conds=True, emphasis="No norm")
+    img = generate(sd1, p)[0]
+    info = parse_infotext(img.infotext)
+    assert info.params["Schedule type"] == "Karras"  # DPM++ 2M's Automatic, written as A1111 1.10 does
+    assert info.params["RNG"] == "NV"  # A1111's default GPU stream, drawn on the CPU
+    assert info.params["ENSD"] == "31337" and info.params["Pad conds"] == "True"
+    assert info.params["Emphasis"] == "No norm"
+    back = GenerationParams.from_infotext(info)
+    assert (back.rng, back.ensd, back.pad_conds, back.emphasis, back.sampler) == ("NV", 31337,
+                                                                                   True, "No norm", "DPM++ 2M")
+    again = generate(sd1, back)[0]
+    assert np.array_equal(_px(again.image), _px(img.image))
+    # without Pad conds the negative prompt (1 chunk) runs apart from the prompt (2 chunks): another image
+    unpadded = generate(sd1, GenerationParams(**{**back.__dict__, "pad_conds": False, "ignored": ()}))[0]
+    assert "Pad conds" not in parse_infotext(unpadded.infotext).params
+    assert not np.array_equal(_px(unpadded.image), _px(img.image))
 
-    from blockmerge.generation.samplers import SD_SCHEDULER_CONFIG, make_scheduler
 
-    p = GenerationParams(prompt="a red circle", steps=4, sampler="Euler a", cfg_scale=7.0, seeds=(11,),
-                         width=64, height=64)
-    ours = generate(sd1, p)[0]
-    pipe = sd1.pipeline
-    pipe.scheduler = make_scheduler("Euler a", SD_SCHEDULER_CONFIG, sd1.prediction_type)
-    ref = pipe("a red circle", negative_prompt="", num_inference_steps=4, guidance_scale=7.0, width=64, height=64,
-               generator=torch.Generator("cpu").manual_seed(11), output_type="np").images[0]
-    ref_px = np.round(ref * 255).astype(np.int16)
-    assert np.abs(_px(ours.image) - ref_px).max() <= 1
+def test_random_seed_is_written(sd1):
+    p = GenerationParams(prompt="a red circle", steps=2, seeds=tuple(parse_seeds("-1")), width=64, height=64)
+    img = generate(sd1, p)[0]
+    assert 0 <= img.seed < 4294967294 and parse_infotext(img.infotext).seed == img.seed
+
+
+def test_from_png_with_an_oversized_text_chunk(tiny_sd1_paths, tmp_path, capsys):
+    import zlib
+
+    from PIL.PngImagePlugin import PngInfo
+
+    bomb = tmp_path / "bomb.png"
+    meta = PngInfo()
+    meta.add_text("parameters", "x" * (3 * 2**20), zip=True)  # inflates past Pillow's 1 MB text limit
+    Image.new("RGB", (8, 8)).save(bomb, pnginfo=meta)
+    assert bomb.stat().st_size < 100_000
+    code = main(["generate", str(tiny_sd1_paths[0]), "-o", str(tmp_path / "o"), "--from-png", str(bomb)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bomb.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    del zlib
 
 
 def test_generate_without_model_uses_the_bundled_default(tmp_path, capsys):
@@ -179,3 +210,27 @@ def test_generate_without_model_uses_the_bundled_default(tmp_path, capsys):
     assert info.model == "tiny-a"
     assert info.model_hash == file_hashes(resolve_model("tiny-a")).sha256[:10]
     assert info.size == (64, 64)  # the bundled model's own resolution
+
+
+def test_sdxl_prompts_take_the_a1111_path(sdxl):
+    """SDXL prompts go through A1111's chunking and emphasis on both encoders; for a plain short prompt
+    that is exactly diffusers' SDXL encoding (penultimate layers, pooled from the second encoder), and
+    an empty negative prompt is zeros in both."""
+    import torch
+
+    from blockmerge.generation.generate import encode_prompts
+
+    p = GenerationParams(prompt="a cat on a mat", steps=2, width=64, height=64)
+    emb = encode_prompts(sdxl, p)
+    with torch.no_grad():
+        pe, ne, pp, npp = sdxl.pipeline.encode_prompt(prompt=p.prompt, negative_prompt=None, device="cpu",
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=True)
+    cond = emb.conds[0][0][0][1]
+    torch.testing.assert_close(cond.crossattn, pe[0].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.pooled, pp[0].float(), rtol=1e-5, atol=1e-5)
+    uncond = emb.uncond[0][1]
+    assert not uncond.crossattn.any() and not uncond.pooled.any() and not ne.any() and not npp.any()
+    weighted = encode_prompts(sdxl, GenerationParams(prompt="a (cat:1.5) on a mat", steps=2))
+    assert not torch.allclose(weighted.conds[0][0][0][1].crossattn, cond.crossattn)  # emphasis applies
+    long = encode_prompts(sdxl, GenerationParams(prompt="cat, " * 50 + "BREAK mat", steps=2))
+    assert long.conds[0][0][0][1].crossattn.shape[0] == 77 * 3  # chunks and BREAK as in A1111

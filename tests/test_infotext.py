@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 from pathlib import Path
@@ -84,9 +85,10 @@ def test_multiline_prompts_and_quoted_values() -> None:
     assert info.negative_prompt == "bad,\nworse"
     assert info.params["Lora hashes"] == "a: 1a2b, b: 3c4d"
     assert info.params["Note"] == 'say "hi"\nthere'
-    assert info.params["Tiling"] == "Tiling"
+    assert "Tiling" not in info.params  # a bare word is no pair for A1111's reader: skipped, with a note
+    assert any("'Tiling'" in n for n in info.notes)
     assert info.cfg_scale == 7.5 and info.clip_skip == 2 and (info.width, info.height) == (640, 768)
-    assert unsupported_fields(info) == ["Lora hashes", "Note", "Tiling"]
+    assert unsupported_fields(info) == ["Lora hashes", "Note"]
     again = format_infotext(info)
     assert 'Lora hashes: "a: 1a2b, b: 3c4d"' in again
     assert parse_infotext(again) == info
@@ -140,7 +142,7 @@ def test_build_matches_a1111_layout() -> None:
 
 def test_unknown_sampler_and_schedule_are_unsupported() -> None:
     info = parse_infotext(
-        "p\nSteps: 20, Sampler: Restart, Schedule type: Align Your Steps, CFG scale: 7, Seed: 1"
+        "p\nSteps: 20, Sampler: Fancy a, Schedule type: Wobbly, CFG scale: 7, Seed: 1"
     )
     assert unsupported_fields(info) == ["Sampler", "Schedule type"]
 
@@ -200,3 +202,124 @@ def test_format_then_parse_roundtrip(info: Infotext) -> None:
     assert back.params == info.params
     assert list(back.params) == list(info.params)
     assert format_infotext(back) == text
+
+
+# --- property tests: the parser never fails with anything but BlockmergeError; writes read back ---
+
+import re as _re  # noqa: E402
+
+from blockmerge.generation.generate import GenerationParams  # noqa: E402
+from blockmerge.generation.infotext import normalize_prompt  # noqa: E402
+
+_A1111_PARAM = _re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _a1111_reader(x: str) -> tuple[str, str, dict[str, str]]:
+    """A1111 1.10's parse_generation_parameters (prompt, negative prompt, raw fields), restated here
+    as the independent reader a written infotext must satisfy."""
+    prompt, negative, done = "", "", False
+    *lines, last = x.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done = True
+            line = line[16:].strip()
+        if done:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res = {}
+    for k, v in _A1111_PARAM.findall(last):
+        if not v:
+            continue
+        if v[0] == '"' and v[-1] == '"':
+            with contextlib.suppress(ValueError):
+                v = json.loads(v)
+        res[k] = v
+    return prompt, negative, res
+
+
+_any_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+_paramish = st.lists(st.one_of(
+    st.sampled_from(["Steps", "Sampler", "CFG scale", "Seed", "Size", "RNG", "ENSD", "Eta", "Pad conds", "Version",
+                     "Schedule type", "Emphasis", "First pass size", "Hires upscale", "x", "Steps ", "Clip skip"]),
+    st.text(max_size=8)).flatmap(lambda k: st.tuples(st.just(k), st.one_of(st.text(max_size=12), st.integers().map(str),
+                                                                           st.sampled_from(["0x0", "64x64", '""', "v1.5.0"])))),
+    max_size=8).map(lambda kv: ", ".join(f"{k}: {v}" for k, v in kv))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(_any_text, st.tuples(_any_text, _paramish).map("\n".join)))
+def test_no_input_crashes_the_reader(text: str) -> None:
+    for require in (True, False):
+        try:
+            info = parse_infotext(text, source="t.txt", require_params=require)
+        except BlockmergeError as e:
+            assert str(e).startswith("t.txt")
+            continue
+        with contextlib.suppress(BlockmergeError):
+            GenerationParams.from_infotext(info)
+
+
+_lines = st.lists(st.text(_PRINTABLE, max_size=25), max_size=4).map("\n".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=_lines, negative=_lines, extra=st.dictionaries(_key, _value, max_size=4))
+def test_written_infotext_reads_back_in_a1111s_reader(prompt: str, negative: str, extra: dict) -> None:
+    params = {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "1", "Size": "64x64", **extra}
+    info = Infotext(prompt, negative, params)
+    try:
+        text = format_infotext(info)
+    except BlockmergeError as e:  # refused only for what A1111's reader cannot give back
+        assert "Negative prompt:" in str(e)
+        assert any(line.strip().startswith("Negative prompt:") for line in (prompt + "\n" + negative).split("\n"))
+        return
+    p, n, res = _a1111_reader(text)
+    assert p == normalize_prompt(prompt)
+    assert n == normalize_prompt(negative)
+    assert res == params
+    back = parse_infotext(text)
+    assert (back.prompt, back.negative_prompt, back.params) == (p, n, res)
+
+
+def test_a1111_reading_rules() -> None:
+    text = ('p\nNegative prompt:\nnext line\nSteps : 20, Sampler: Euler, CFG scale: 7, Seed: 1, X: 2, '
+            'Note: "", Empty: , stray, Size: 64x64')
+    info = parse_infotext(text)
+    assert info.negative_prompt == "next line"  # a negative prompt may start on the next line
+    assert "Steps " in info.params and "Steps" not in info.params  # A1111 reads the key with its space
+    assert "X" not in info.params  # one-letter keys are no keys for A1111
+    assert info.params["Note"] == ""  # an empty quoted value
+    assert "Empty" not in info.params and any("Empty" in n for n in info.notes)
+    assert any("stray" in n for n in info.notes)
+    p = GenerationParams.from_infotext(info)
+    assert p.steps == 20 and any("'Steps '" in n for n in p.ignored)  # never a silent default
+    short = parse_infotext("p\nSteps: 5, Sampler: Euler", require_params=False)
+    assert short.params == {} and short.prompt == "p\nSteps: 5, Sampler: Euler"
+    assert any("only 2" in n for n in short.notes)
+
+
+def test_version_gates_and_hires() -> None:
+    old = parse_infotext("a [b:c:0.5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, "
+                         "Version: v1.5.1")
+    p = GenerationParams.from_infotext(old)
+    assert p.old_prompt_editing and p.pad_conds_v0 and p.downcast_alphas
+    new = GenerationParams.from_infotext(parse_infotext(
+        "a\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.10.1"))
+    assert not (new.old_prompt_editing or new.pad_conds_v0 or new.downcast_alphas)
+    mid = GenerationParams.from_infotext(parse_infotext(
+        "a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.7.0-224-gabc"))
+    assert mid.downcast_alphas
+    fp = GenerationParams.from_infotext(parse_infotext(
+        "a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 1024x768, First pass size: 0x0"))
+    assert (fp.width, fp.height) == (640, 448) and any("hires" in n for n in fp.ignored)
+    hr = GenerationParams.from_infotext(parse_infotext(
+        "a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2, Hires steps: 10, "
+        "Denoising strength: 0.5"))
+    assert (hr.width, hr.height) == (512, 512) and any("first pass" in n for n in hr.ignored)
+    gpu = GenerationParams.from_infotext(parse_infotext("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1"))
+    assert gpu.rng == "GPU"  # no RNG field: A1111's default

@@ -10,9 +10,12 @@ import torch
 from blockmerge.errors import BlockmergeError
 from blockmerge.generation.prompts import (
     BREAK,
+    EncoderSide,
     encode_prompt_a1111,
-    encode_prompt_pair_a1111,
+    encode_texts,
     parse_prompt_attention,
+    prompt_schedules,
+    split_and,
     tokenize_prompt_a1111,
 )
 from blockmerge.generation.tokenizer import OPENCLIP_PAD_TOKEN, load_clip_tokenizer
@@ -193,14 +196,22 @@ def test_clip_skip_picks_layer(tokenizer, encoder) -> None:
         encode_prompt_a1111("a cat", tokenizer, encoder, clip_skip=4)
 
 
-def test_negative_padded_to_same_chunks(tokenizer, encoder) -> None:
-    cond, uncond = encode_prompt_pair_a1111("cat " * 80, "blurry", tokenizer, encoder)
-    assert cond.shape == uncond.shape == (1, 154, 32)
-    empty = encode_prompt_a1111("", tokenizer, encoder)
-    assert torch.equal(uncond[:, 77:], empty)
-    assert torch.equal(uncond[:, :77], encode_prompt_a1111("blurry", tokenizer, encoder))
-    cond2, uncond2 = encode_prompt_pair_a1111("cat", "dog " * 160, tokenizer, encoder)
-    assert cond2.shape == uncond2.shape == (1, 231, 32)
+def test_texts_of_a_schedule_share_chunk_count_and_mean(tokenizer, encoder) -> None:
+    # A1111 encodes a prompt's schedule as one batch: shorter texts get empty chunks, and Original
+    # emphasis restores the mean over the whole batch
+    z, pooled = encode_texts(["cat " * 80, "a (cat:1.5)"], [EncoderSide(tokenizer, encoder)])
+    assert z.shape == (2, 154, 32) and pooled is None
+    assert torch.equal(z[1, 77:], encode_prompt_a1111("", tokenizer, encoder)[0])
+    with torch.no_grad():
+        plain0 = _plain(encoder, list(tokenize_prompt_a1111("cat " * 80, tokenizer)[0].tokens))
+        plain1 = _plain(encoder, [BOS, 320, CAT] + [EOS] * 74)
+    raw = torch.cat([plain0, plain1])
+    w = torch.ones(2, 77, 1)
+    w[1, 2] = 1.5
+    expected = raw * w * (raw.mean() / (raw * w).mean())
+    torch.testing.assert_close(z[:, :77], expected, rtol=1e-5, atol=1e-6)
+    ignore, _ = encode_texts(["a (cat:1.5)"], [EncoderSide(tokenizer, encoder)], emphasis="Ignore")
+    torch.testing.assert_close(ignore[0, :77], plain1[0])  # brackets parsed, weights not applied
 
 
 def test_openclip_padding_after_first_eos(encoder) -> None:
@@ -213,3 +224,52 @@ def test_openclip_padding_after_first_eos(encoder) -> None:
 def test_bad_emphasis(tokenizer) -> None:
     with pytest.raises(BlockmergeError, match="emphasis"):
         tokenize_prompt_a1111("a", tokenizer, emphasis="Loud")
+
+
+# --- merging runs, prompt editing, alternation, AND ------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("(a:-1)(b:-1)", [("ab", -1.0)]),  # equal weights merge even at -1 (A1111's rule)
+    ("a BREAK BREAK b", [("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+    ("x (BREAK:-1) y", [("x ", 1.0), ("", -1.0), ("BREAK", 1.0), ("", -1.0), (" y", 1.0)]),
+    ("(a)(b)[c]", [("ab", 1.1), ("c", 1 / 1.1)]),
+])
+def test_runs_merge_as_a1111(text, expected) -> None:
+    got = parse_prompt_attention(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
+
+
+def test_two_minus_one_runs_tokenize_as_one_text(tokenizer) -> None:
+    (chunk,) = tokenize_prompt_a1111("(cat:-1)(dog:-1)", tokenizer)
+    ids = tokenizer(["catdog"], add_special_tokens=False)["input_ids"][0]
+    assert list(chunk.tokens[1:1 + len(ids)]) == ids and chunk.weights[1] == -1.0
+
+
+@pytest.mark.parametrize(("prompt", "steps", "expected"), [
+    ("a [b:c:5] d", 10, [(5, "a b d"), (10, "a c d")]),
+    ("a [b:c:0.25] d", 20, [(5, "a b d"), (20, "a c d")]),  # a fraction of the steps
+    ("a [b:3]", 10, [(3, "a "), (10, "a b")]),
+    ("a [b::3]", 10, [(3, "a b"), (10, "a ")]),
+    ("[cat|dog]", 4, [(1, "cat"), (2, "dog"), (3, "cat"), (4, "dog")]),
+    ("[x|y|z] [a:b:2]", 3, [(1, "x a"), (2, "y a"), (3, "z b")]),
+    ("[a:b:1.5]", 10, [(10, "a")]),  # 1.5 is a fraction: 15 steps, past the end
+    ("[a:b:15]", 10, [(10, "a")]),
+    ("[unbalanced", 10, [(10, "[unbalanced")]),
+    ("plain text", 7, [(7, "plain text")]),
+])
+def test_prompt_schedules(prompt, steps, expected) -> None:
+    assert prompt_schedules(prompt, steps) == expected
+
+
+def test_old_prompt_editing_timelines() -> None:
+    # before A1111 1.6 any value below 1 was a fraction, even without a dot
+    assert prompt_schedules("[a:b:0.5]", 10, use_old_scheduling=True) == [(5, "a"), (10, "b")]
+    assert prompt_schedules("[a:b:2]", 10, use_old_scheduling=True) == [(2, "a"), (10, "b")]
+
+
+def test_split_and() -> None:
+    assert split_and("a cat :1.2 AND a dog AND x:0.5") == [("a cat", 1.2), (" a dog", 1.0), (" x", 0.5)]
+    assert split_and("BRANDED cat") == [("BRANDED cat", 1.0)]
+    assert split_and("a:b") == [("a:b", 1.0)]

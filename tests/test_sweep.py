@@ -156,7 +156,7 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path: Path) -> None:
     with pytest.raises(BlockmergeError, match="twice"):
         run_sweep(a, [], [PROMPT], tmp_path, seeds=[1, 1], progress=False)
     with pytest.raises(BlockmergeError, match="Steps"):
-        run_sweep(a, [], ["x\nSteps: many"], tmp_path, seeds=[1], progress=False)
+        run_sweep(a, [], ["x\nSteps: many, Sampler: Euler, CFG scale: 7"], tmp_path, seeds=[1], progress=False)
     with pytest.raises(BlockmergeError, match="names"):
         custom_variant("bad name", SD1, "0.5")
 

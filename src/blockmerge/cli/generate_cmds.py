@@ -12,7 +12,6 @@ def _params_from_args(args: argparse.Namespace):
     from ..errors import BlockmergeError
     from ..generation.generate import GenerationParams, parse_seeds
     from ..generation.infotext import Infotext, parse_infotext, read_png_infotext
-    from ..generation.samplers import resolve_sampler
     from ..io.text import read_user_text
 
     text = None
@@ -34,8 +33,9 @@ def _params_from_args(args: argparse.Namespace):
     params = GenerationParams.from_infotext(
         info, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
         cfg_scale=args.cfg_scale, width=args.width, height=args.height, clip_skip=args.clip_skip, seeds=seeds,
+        schedule_type=args.schedule_type, rng=args.rng, ensd=args.ensd, emphasis=args.emphasis,
+        pad_conds=True if args.pad_conds else None,
     )
-    resolve_sampler(params.sampler, params.schedule_type, source="--sampler")
     return params
 
 
@@ -53,8 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
     model_path = resolve_model(args.model)
     dtype = output_dtype(args.dtype) if args.dtype else None
-    for f in params.ignored:
-        print(f"blockmerge: warning: infotext field {f!r} is not applied (and not written as applied)", file=sys.stderr)
+    for note in params.ignored:
+        print(f"blockmerge: warning: {note}", file=sys.stderr)
     loaded = load_pipeline(model_path, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -99,13 +99,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'")
+    p.add_argument("--sampler", help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (old names like "
+                   "'DPM++ 2M Karras' work)")
+    p.add_argument("--schedule-type", help="A1111 Schedule type: Automatic, Karras, Exponential, SGM Uniform, ...")
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--seed", help="one seed, a list (1,2,3,4) or a range (1-4)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--batch-size", type=int, help="images per U-Net batch (default: all seeds at once)")
     p.add_argument("--clip-skip", type=int)
+    p.add_argument("--rng", choices=["GPU", "CPU", "NV"],
+                   help="A1111's noise source (default GPU; drawn as NV, the same stream, without CUDA)")
+    p.add_argument("--ensd", type=int, help="A1111's Eta noise seed delta (ENSD)")
+    p.add_argument("--emphasis", choices=["Original", "No norm", "Ignore", "None"], help="A1111 emphasis mode")
+    p.add_argument("--pad-conds", action="store_true",
+                   help="pad prompt/negative prompt to the same length (A1111's 'Pad conds')")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "eps", "v"],

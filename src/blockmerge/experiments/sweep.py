@@ -54,8 +54,8 @@ __all__ = [
 
 DEFAULT_SEEDS = (1, 2, 3, 4)
 # Bump when the image file naming, the meaning of a cache key, or what an image of the same key
-# looks like changes (2: the per-step noise stream fix in generation.generate).
-CACHE_VERSION = 2
+# looks like changes (2: the per-step noise stream fix in generation.generate; 3: A1111's own sampling loop).
+CACHE_VERSION = 3
 #: Appended to the label of a bypass that cannot be exact (the notes say why).
 APPROX = " (approx.)"
 

@@ -1,17 +1,21 @@
-"""Text-to-image generation as A1111 users describe it, on a loaded diffusers pipeline.
+"""Text-to-image generation that draws what A1111 1.10 draws, on a loaded diffusers model.
 
-Why not simply call the pipeline with strings: A1111 semantics (emphasis weights, 75-token chunks,
-clip skip) live in :mod:`.prompts`; seeds must give the same image whether generated alone or in a
-batch, so every image gets its own CPU generator for its initial noise and for the sampler's
-per-step noise; and the sweeps need the final latents as well as the pixels.
+Why not the diffusers pipeline: its schedulers are other algorithms (other sigma interpolation,
+other noise draws; UniPC gave NaN latents at sigma 0 on the bundled model, and Brownian-tree
+samplers drew from torch's global RNG). Here the diffusers U-Net, VAE and text encoders run inside
+A1111's loop: its prompt conditioning (:mod:`.prompts`), its noise sources (:mod:`.noise`), its
+sigma schedules (:mod:`.schedules`, :mod:`.samplers`), its CFG denoiser (:mod:`.denoiser`) and the
+k-diffusion / timestep algorithms (:mod:`.ksamplers`, :mod:`.tsamplers`). Every image has its own
+noise stream, so a batch of seeds gives the images one-at-a-time generation gives (to float
+rounding of batched convolutions); the sweeps also get the final latents.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import re
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,17 +27,41 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import BlockmergeError
-from .infotext import Infotext, format_infotext, png_info, unsupported_fields
+from .infotext import (
+    KNOWN_UNSUPPORTED,
+    Infotext,
+    format_infotext,
+    normalize_prompt,
+    png_info,
+    unsupported_fields,
+)
+from .noise import RNG_SOURCES, SEED_MAX
 
 _SEED_RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
+#: A1111 draws a random seed (for ``Seed: -1``) from this range.
+_RANDOM_SEEDS = 4294967294
+
+
+def random_seed() -> int:
+    """A seed for ``-1``, drawn as A1111 draws it (``random.randrange(4294967294)``)."""
+    return random.SystemRandom().randrange(_RANDOM_SEEDS)
+
+
+def check_seed(seed: int, arg: str = "--seed") -> int:
+    """``seed`` if A1111 accepts it (0 .. 2**64 - 1; ``-1`` means random), else an error naming ``arg``."""
+    if seed == -1:
+        return random_seed()
+    if not 0 <= seed <= SEED_MAX:
+        raise BlockmergeError(f"{arg}: seed {seed} is outside 0..{SEED_MAX} (-1 for a random seed)")
+    return seed
 
 
 def parse_seeds(text: str | int | Iterable[int], arg: str = "--seed") -> list[int]:
-    """``4``, ``1,2,3,4`` or ``1-4`` (also mixed: ``1-3,10``) -> a list of seeds."""
+    """``4``, ``1,2,3,4`` or ``1-4`` (also mixed: ``1-3,10``) -> a list of seeds; ``-1`` is a random seed."""
     if isinstance(text, int):
-        return [text]
+        return [check_seed(text, arg)]
     if not isinstance(text, str):
-        return [int(s) for s in text]
+        return [check_seed(int(s), arg) for s in text]
     seeds: list[int] = []
     for part in [p for p in text.split(",") if p.strip()]:
         m = _SEED_RANGE.match(part)
@@ -51,15 +79,12 @@ def parse_seeds(text: str | int | Iterable[int], arg: str = "--seed") -> list[in
             raise BlockmergeError(f"{arg}: {part.strip()!r} is not a seed (use 4, 1,2,3 or 1-4)") from None
     if not seeds:
         raise BlockmergeError(f"{arg}: no seeds given")
-    for s in seeds:
-        if not 0 <= s < 2**32:
-            raise BlockmergeError(f"{arg}: seed {s} is outside 0..4294967295")
-    return seeds
+    return [check_seed(s, arg) for s in seeds]
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """What an image is generated from (everything an infotext's fields can say that we honour)."""
+    """What an image is generated from: every infotext field blockmerge honours, A1111's defaults."""
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -71,34 +96,45 @@ class GenerationParams:
     height: int | None = None
     clip_skip: int = 1
     seeds: tuple[int, ...] = (1,)
-    # Fields of the source infotext we cannot honour, for a warning (never written as applied).
+    rng: str = "GPU"  # A1111's default; drawn as NV off CUDA
+    ensd: int = 0
+    eta: float = 1.0  # "Eta" (ancestral / SDE samplers)
+    eta_ddim: float = 0.0  # "Eta DDIM"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0  # 0 = infinity, as in A1111
+    s_noise: float = 1.0
+    schedule_rho: float = 0.0
+    schedule_min_sigma: float = 0.0
+    schedule_max_sigma: float = 0.0
+    discard_penultimate: bool = False
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+    sgm_noise_multiplier: bool = False
+    emphasis: str = "Original"
+    pad_conds: bool = False
+    pad_conds_v0: bool = False
+    old_prompt_editing: bool = False
+    downcast_alphas: bool = False
+    zero_terminal_snr: bool = False
+    # Warnings about the source infotext: what is not applied (never written as applied).
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_infotext(cls, info: Infotext, **overrides: Any) -> GenerationParams:
         """Fields of the infotext, with explicit ``overrides`` (non-None) winning."""
-        info.validate()
-        size = info.size
-        base: dict[str, Any] = {
-            "prompt": info.prompt,
-            "negative_prompt": info.negative_prompt,
-            "clip_skip": info.clip_skip,
-            "ignored": tuple(unsupported_fields(info)),
-        }
-        for name, value in (("steps", info.steps), ("sampler", info.sampler), ("cfg_scale", info.cfg_scale),
-                            ("schedule_type", info.schedule_type)):
-            if value is not None:
-                base[name] = value
-        if size is not None:
-            base["width"], base["height"] = size
-        if info.seed is not None:
-            base["seeds"] = (info.seed,)
+        from .infotext_fields import params_from_infotext
+
+        base, notes = params_from_infotext(info)
         base.update({k: v for k, v in overrides.items() if v is not None})
         if "seeds" in base:
             base["seeds"] = tuple(base["seeds"])
-        return cls(**base).checked()
+        return cls(**base, ignored=tuple(notes)).checked()
 
     def checked(self) -> GenerationParams:
+        from .prompts import EMPHASIS_MODES
+        from .samplers import resolve_sampler
+
         if self.steps < 1 or self.steps > 1000:
             raise BlockmergeError(f"--steps {self.steps}: must be 1..1000")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
@@ -111,16 +147,51 @@ class GenerationParams:
             raise BlockmergeError(f"--clip-skip {self.clip_skip}: must be >= 1")
         if not self.seeds:
             raise BlockmergeError("--seed: no seeds given")
+        for s in self.seeds:
+            if not 0 <= s <= SEED_MAX:
+                raise BlockmergeError(f"--seed: seed {s} is outside 0..{SEED_MAX}")
+            if not 0 <= s + self.ensd <= SEED_MAX:
+                raise BlockmergeError(f"--ensd {self.ensd}: seed {s} + ENSD leaves 0..{SEED_MAX}")
+        if self.rng not in RNG_SOURCES:
+            raise BlockmergeError(f"--rng {self.rng!r}: expected one of {', '.join(RNG_SOURCES)}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise BlockmergeError(f"--emphasis {self.emphasis!r}: expected one of {', '.join(EMPHASIS_MODES)}")
+        for name in ("eta", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_rho",
+                     "schedule_min_sigma", "schedule_max_sigma", "beta_alpha", "beta_beta"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise BlockmergeError(f"{name}: must be a finite number >= 0, got {v}")
+        name, _ = resolve_sampler(self.sampler, self.schedule_type, source="--sampler")
+        if name == "UniPC":
+            from .tsamplers import a1111_timesteps
+
+            n = len(a1111_timesteps(self.steps, self.discard_penultimate))
+            if n < 3:
+                raise BlockmergeError(f"--steps {self.steps}: UniPC (order 3, as in A1111) needs at least 3 steps")
         return self
 
+    @property
+    def sampler_name(self) -> str:
+        from .samplers import resolve_sampler
+
+        return resolve_sampler(self.sampler, self.schedule_type)[0]
+
     def infotext(self, seed: int, *, width: int, height: int, model: str | None = None,
-                 model_hash: str | None = None, extra: dict[str, object] | None = None) -> Infotext:
-        """The A1111 infotext of one image made with these parameters."""
+                 model_hash: str | None = None, extra: dict[str, object] | None = None,
+                 applied: dict[str, object] | None = None) -> Infotext:
+        """The A1111 infotext of one image made with these parameters.
+
+        ``applied`` holds what only the run knows (the RNG that really drew, whether conds were
+        padded); everything that changed the image is written, in A1111's order and spelling.
+        """
+        from .infotext_fields import infotext_fields
+
+        name, schedule, fields_ = infotext_fields(self, applied or {})
         return Infotext.build(
-            self.prompt, self.negative_prompt, steps=self.steps, sampler=self.sampler,
-            schedule_type=self.schedule_type, cfg_scale=self.cfg_scale, seed=seed, width=width, height=height,
+            normalize_prompt(self.prompt), normalize_prompt(self.negative_prompt), steps=self.steps, sampler=name,
+            schedule_type=schedule, cfg_scale=self.cfg_scale, seed=seed, width=width, height=height,
             model_hash=model_hash, model=model, clip_skip=self.clip_skip,
-            extra={**(extra or {}), "Version": f"blockmerge {__version__}"},
+            extra={**fields_, **(extra or {}), "Version": f"blockmerge {__version__}"},
         )
 
 
@@ -134,62 +205,106 @@ class GeneratedImage:
 
 @dataclass
 class PromptEmbeddings:
-    """Encoded prompt pair, reusable across variants that do not touch the text encoder."""
+    """An encoded prompt pair (with its prompt-editing schedules), reusable across variants that do
+    not touch the text encoder. ``key`` says what it was encoded for."""
 
-    kwargs: dict[str, torch.Tensor]
+    conds: list  # [(ScheduledCond, weight)] for the AND parts of the prompt
+    uncond: list  # ScheduledCond of the negative prompt
+    empty: Any  # the empty prompt's Cond (for Pad conds)
+    key: tuple
+
+
+def _embedding_key(params: GenerationParams) -> tuple:
+    from .samplers import SAMPLERS
+
+    spec = SAMPLERS[params.sampler_name]
+    total = params.steps * (2 if spec.second_order else 1)
+    return (params.prompt, params.negative_prompt, total, params.clip_skip, params.emphasis,
+            params.old_prompt_editing)
+
+
+def _encoder_sides(loaded: Any) -> list:
+    from .prompts import EncoderSide
+
+    pipe = loaded.pipeline
+    arch = loaded.architecture.name
+    if arch == "SDXL":
+        return [EncoderSide(pipe.tokenizer, pipe.text_encoder, "penultimate"),
+                EncoderSide(pipe.tokenizer_2, pipe.text_encoder_2, "penultimate", pooled=True)]
+    return [EncoderSide(pipe.tokenizer, pipe.text_encoder, "last" if arch == "SD2" else "clip_skip")]
 
 
 def encode_prompts(loaded: Any, params: GenerationParams) -> PromptEmbeddings:
-    """Encode the prompt pair the A1111 way (SD1/SD2) or with diffusers' SDXL encoder."""
-    pipe = loaded.pipeline
-    arch = loaded.architecture.name
+    """Encode the prompt pair as A1111 does (SD1, SD2 and SDXL alike): ``AND`` parts, prompt-editing
+    schedules over the sampler's model calls, chunks, emphasis, clip skip (SD1)."""
+    from .denoiser import Cond
+    from .prompts import encode_texts, prompt_schedules, split_and
+
+    params = params.checked()
+    key = _embedding_key(params)
+    total_steps = key[2]
+    sides = _encoder_sides(loaded)
+    sdxl = loaded.architecture.name == "SDXL"
+    cache: dict[str, list] = {}
+
+    def schedule(text: str, negative: bool = False) -> list:
+        if text in cache and not negative:
+            return cache[text]
+        entries = prompt_schedules(text, total_steps, params.old_prompt_editing)
+        texts = [t for _, t in entries]
+        z, pooled = encode_texts(texts, sides, clip_skip=params.clip_skip, emphasis=params.emphasis)
+        if negative and sdxl and all(t == "" for t in texts):  # A1111/SDXL: an empty negative is zeros
+            z = torch.zeros_like(z)
+            pooled = torch.zeros_like(pooled) if pooled is not None else None
+        out = [(end, Cond(z[i].float(), None if pooled is None else pooled[i].float()))
+               for i, (end, _) in enumerate(entries)]
+        if not negative:
+            cache[text] = out
+        return out
+
     with torch.inference_mode():
-        if arch == "SDXL":
-            if re.search(r"(?<!\\)[\(\[]|BREAK", params.prompt + params.negative_prompt):
-                warnings.warn("SDXL prompts are encoded without A1111 emphasis/BREAK handling", stacklevel=2)
-            pe, ne, pp, npp = pipe.encode_prompt(
-                prompt=params.prompt, negative_prompt=params.negative_prompt, device=loaded.device,
-                num_images_per_prompt=1, do_classifier_free_guidance=True,
-                clip_skip=None if params.clip_skip <= 1 else params.clip_skip - 1,
-            )
-            return PromptEmbeddings({"prompt_embeds": pe, "negative_prompt_embeds": ne,
-                                     "pooled_prompt_embeds": pp, "negative_pooled_prompt_embeds": npp})
-        from .prompts import encode_prompt_pair_a1111
-
-        cond, uncond = encode_prompt_pair_a1111(
-            params.prompt, params.negative_prompt, pipe.tokenizer, pipe.text_encoder, params.clip_skip
-        )
-        dt = loaded.dtype
-        return PromptEmbeddings({"prompt_embeds": cond.to(loaded.device, dt),
-                                 "negative_prompt_embeds": uncond.to(loaded.device, dt)})
+        conds = [(schedule(text), weight) for text, weight in split_and(params.prompt)]
+        uncond = schedule(params.negative_prompt, negative=True)
+        z, pooled = encode_texts([""], sides, clip_skip=params.clip_skip, emphasis=params.emphasis)
+        empty = Cond(z[0].float(), None if pooled is None else pooled[0].float())
+    return PromptEmbeddings(conds, uncond, empty, key)
 
 
-def seeded_noise(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Generator]:
-    """The starting latent of one seed, and the generator that goes on to give the sampler's per-step
-    noise. CPU RNG, so a seed means the same on every device; one stream per image, continued after
-    the starting latent as A1111 does (a fresh generator with the same seed would hand the sampler
-    the starting noise again as its first step's noise, and the samples degrade)."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32), g
+def _unet_call(loaded: Any, width: int, height: int) -> Callable:
+    unet = loaded.pipeline.unet
+    dev, dt = loaded.device, loaded.dtype
+    time_ids = None
+    if loaded.architecture.name == "SDXL":  # original size, crop (0, 0), target size: A1111's defaults
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dt, device=dev)
+
+    def call(x: torch.Tensor, t: torch.Tensor, crossattn: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dev, dt), "time_ids": time_ids.repeat(x.shape[0], 1)}
+        out = unet(x.to(dev, dt), t.to(dev), encoder_hidden_states=crossattn.to(dev, dt), **kwargs).sample
+        return out.float()
+
+    return call
 
 
 def _decode(loaded: Any, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode; retried in float32 when fp16 overflows to NaN (A1111's no-half-vae fallback)."""
+    """VAE decode as A1111 (``1 / scale * z``); retried in float32 when fp16 overflows to NaN."""
     vae = loaded.pipeline.vae
-    scale = vae.config.scaling_factor
+    inv = 1.0 / vae.config.scaling_factor
     with torch.inference_mode():
-        out = vae.decode(latents.to(vae.dtype) / scale).sample
+        out = vae.decode((inv * latents).to(vae.dtype)).sample
         if vae.dtype != torch.float32 and torch.isnan(out).any():
             vae.to(torch.float32)
             try:
-                out = vae.decode(latents.float() / scale).sample
+                out = vae.decode((inv * latents).float()).sample
             finally:
                 vae.to(loaded.dtype)
     return out
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Pixels as A1111 makes them: ``clamp((x + 1) / 2, 0, 1) * 255``, truncated to uint8."""
+    arr = (torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0) * 255.0).to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
@@ -209,41 +324,41 @@ def generate(
     ``embeddings`` lets a caller reuse an encoded prompt (the sweeps do, when the text encoder is
     untouched). ``on_image`` is called as each image is ready.
     """
-    from .samplers import SD_SCHEDULER_CONFIG, make_scheduler
+    from .run import sample_batch
 
     params = params.checked()
-    seeds = list(seeds if seeds is not None else params.seeds)
+    seeds = [check_seed(int(s)) for s in (seeds if seeds is not None else params.seeds)]
     pipe = loaded.pipeline
     width = params.width or loaded.resolution
     height = params.height or loaded.resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if width % factor or height % factor:
         raise BlockmergeError(f"--width/--height {width}x{height}: must be multiples of {factor} for this model")
-    pipe.scheduler = make_scheduler(params.sampler, SD_SCHEDULER_CONFIG, loaded.prediction_type,
-                                    schedule_type=params.schedule_type)
-    emb = embeddings or encode_prompts(loaded, params)
-    bs = max(1, batch_size or len(seeds))
-    c = pipe.unet.config.in_channels
+    emb = embeddings if embeddings is not None else encode_prompts(loaded, params)
+    if emb.key != _embedding_key(params):
+        raise BlockmergeError("embeddings: encoded for other prompts, steps or sampler; encode them again")
+    from .samplers import SAMPLERS
+
+    spec = SAMPLERS[params.sampler_name]
+    # DPM adaptive sizes its steps on the error of the whole batch: one image at a time, as A1111
+    # draws it at batch size 1.
+    bs = 1 if spec.function == "sample_dpm_adaptive" else max(1, batch_size or len(seeds))
+    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    unet = _unet_call(loaded, width, height)
     model_name = Path(loaded.path).stem
     results: list[GeneratedImage] = []
     for start in range(0, len(seeds), bs):
         chunk = seeds[start:start + bs]
-        n = len(chunk)
-        noise = [seeded_noise(s, (1, c, height // factor, width // factor)) for s in chunk]
-        latents = torch.cat([x for x, _ in noise])
-        gens = [g for _, g in noise]
-        kwargs = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in emb.kwargs.items()}
         with torch.inference_mode():
-            out = pipe(
-                num_inference_steps=params.steps, guidance_scale=params.cfg_scale, width=width, height=height,
-                latents=latents.to(loaded.device, loaded.dtype), generator=gens if n > 1 else gens[0],
-                output_type="latent", return_dict=True, **kwargs,
-            ).images
-        pixels = _decode(loaded, out)
+            latents, applied = sample_batch(loaded, params, spec, unet, emb, chunk, shape)
+        if not torch.isfinite(latents).all():
+            raise BlockmergeError(f"sampler {params.sampler!r}: the latents are not finite (NaN/inf); no image written")
+        pixels = _decode(loaded, latents)
         for i, (seed, img) in enumerate(zip(chunk, to_pil(pixels), strict=True)):
             text = format_infotext(params.infotext(seed, width=width, height=height, model=model_name,
-                                                   model_hash=loaded.short_hash, extra=extra_infotext))
-            g = GeneratedImage(seed, img, out[i].float().cpu(), text)
+                                                   model_hash=loaded.short_hash, extra=extra_infotext,
+                                                   applied=applied))
+            g = GeneratedImage(seed, img, latents[i].float().cpu(), text)
             results.append(g)
             if on_image:
                 on_image(g)
@@ -262,3 +377,20 @@ def save_png(image: GeneratedImage, path: str | os.PathLike[str]) -> Path:
 
 def with_seeds(params: GenerationParams, seeds: Iterable[int]) -> GenerationParams:
     return replace(params, seeds=tuple(seeds))
+
+
+__all__ = [
+    "KNOWN_UNSUPPORTED",
+    "GeneratedImage",
+    "GenerationParams",
+    "PromptEmbeddings",
+    "check_seed",
+    "encode_prompts",
+    "generate",
+    "parse_seeds",
+    "random_seed",
+    "save_png",
+    "to_pil",
+    "unsupported_fields",
+    "with_seeds",
+]

@@ -1,16 +1,22 @@
-"""A1111 "PNG Info" text (infotext): parse it, write it, read/write it in PNG files.
+"""A1111 "PNG Info" text (infotext): read it as A1111 reads it, write it so A1111 reads back the same.
 
-The format, as A1111's ``processing.create_infotext`` writes it and ``infotext_utils`` reads it::
+The format, as A1111's ``processing.create_infotext`` writes it::
 
     <prompt, possibly several lines>
     Negative prompt: <negative prompt, possibly several lines>
     Steps: 40, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: a9263745
 
-The last line holds ``Key: value`` pairs separated by ", "; a value containing ``,``, ``:`` or a
-newline is written as a JSON string (``"a, b: c"``, with JSON escapes). Users paste these texts to
-reproduce an image, so blockmerge reads them the way A1111 does and writes them byte for byte the
-way A1111 would. A1111's own parser is a regex that silently skips what it cannot read; this one
-keeps every key in order and reports malformed values of the fields blockmerge acts on.
+Reading follows ``infotext_utils.parse_generation_parameters`` (A1111 1.10) rule for rule: the last
+line is the parameter line only when its ``Key: value`` regex finds at least three pairs (else it is
+prompt text); keys are two or more word characters (``Key : value`` gives the key ``"Key "``); a
+value that is a JSON string is unquoted; lines are stripped; everything from the first line starting
+``Negative prompt:`` on is the negative prompt. Where A1111 silently skips text (a stray word, a
+one-letter key, an empty value), blockmerge skips it too but says so (:attr:`Infotext.notes`).
+
+Writing quotes like A1111 (``,``, ``:`` or a newline -> JSON string) and also values A1111's reader
+would otherwise change (outer spaces, a leading quote, empty values). A prompt A1111's reader cannot
+get back (a line starting ``Negative prompt:``) is refused; outer spaces of lines, which the reader
+strips and the tokenizer ignores, are normalised (:func:`normalize_prompt`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "PNG_TEXT_KEY",
     "Infotext",
     "format_infotext",
+    "normalize_prompt",
     "parse_infotext",
     "png_info",
     "read_png_infotext",
@@ -46,33 +53,40 @@ __all__ = [
 PNG_TEXT_KEY = "parameters"
 _NEGATIVE = "Negative prompt:"
 
-# One "Key: value" pair, as A1111's re_param but anchored and allowing an empty quoted string.
-_PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-# A bare key (A1111 writes ``k`` alone when a value equals its key, e.g. some extension flags).
-_FLAG = re.compile(r"\s*(\w[\w \-/]*?)\s*(?:,|$)")
-_KEY = re.compile(r"\w[\w \-/]*")
+# A1111's re_param, verbatim in meaning: key of 2+ characters, then a JSON string or anything up to ','.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]*[\w\-/]")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 #: Keys whose effect blockmerge reproduces when generating from an infotext.
-HONOURED_KEYS: frozenset[str] = frozenset(
-    {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip"}
-)
-#: Keys that describe the run but do not change pixels blockmerge would make (no warning needed).
-INFORMATIONAL_KEYS: frozenset[str] = frozenset(
-    {"Model hash", "Model", "Version", "Module", "Batch size", "Batch pos", "Eta", "Eta DDIM"}
-)
-#: Keys A1111 writes for features blockmerge does not implement, and why they matter.
+HONOURED_KEYS: frozenset[str] = frozenset({
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Clip skip", "RNG", "ENSD",
+    "Eta noise seed delta", "Eta", "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise",
+    "Schedule rho", "Schedule min sigma", "Schedule max sigma", "Discard penultimate sigma",
+    "Beta schedule alpha", "Beta schedule beta", "SGM noise multiplier", "Pad conds", "Pad conds v0",
+    "Emphasis", "Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule", "First pass size",
+})
+#: Keys that describe the run but do not change the pixels (no warning needed).
+INFORMATIONAL_KEYS: frozenset[str] = frozenset({
+    "Model hash", "Model", "Version", "Module", "Batch size", "Batch pos", "Blockmerge variant", "User",
+})
+#: Keys A1111 writes for features blockmerge does not implement, and what they did.
 KNOWN_UNSUPPORTED: Mapping[str, str] = {
     "Face restoration": "faces were repaired by CodeFormer/GFPGAN after sampling",
     "Hires upscale": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires resize": "a second hires-fix pass upscaled and re-denoised the image",
     "Hires upscaler": "a second hires-fix pass upscaled and re-denoised the image",
     "Hires steps": "a second hires-fix pass upscaled and re-denoised the image",
-    "Hires resize": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires sampler": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires schedule type": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires prompt": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires negative prompt": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires CFG Scale": "a second hires-fix pass upscaled and re-denoised the image",
+    "Hires checkpoint": "a second hires-fix pass upscaled and re-denoised the image",
     "Denoising strength": "img2img / hires fix started from another image",
     "Variation seed": "noise was mixed with a second seed",
     "Variation seed strength": "noise was mixed with a second seed",
     "Seed resize from": "noise was generated at another size",
-    "ENSD": "A1111's eta noise seed delta shifts the ancestral noise",
     "VAE": "a separate VAE file was used",
     "VAE hash": "a separate VAE file was used",
     "Lora hashes": "LoRA networks were applied",
@@ -81,8 +95,9 @@ KNOWN_UNSUPPORTED: Mapping[str, str] = {
     "Tiling": "seamless tiling was on",
     "Token merging ratio": "ToMe changed the U-Net computation",
     "NGMS": "negative guidance minimum sigma skipped steps",
-    "RNG": "A1111's noise source differs from torch's CPU generator",
-    "Emphasis": "a non-default prompt emphasis mode was used",
+    "Skip Early CFG": "the first steps ran without guidance",
+    "Refiner": "a second model took over part of the sampling",
+    "Refiner switch at": "a second model took over part of the sampling",
 }
 
 
@@ -110,22 +125,37 @@ def _parse_float(source: str, key: str, value: str) -> float:
     return number
 
 
-def _parse_size(source: str, value: str) -> tuple[int, int]:
+def _parse_bool(source: str, key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise _err(source, key, f"expected True or False, got {value!r}")
+
+
+def _parse_size(source: str, key: str, value: str) -> tuple[int, int]:
     m = _SIZE.match(value.strip())
     if m is None:
-        raise _err(source, "Size", f"expected WIDTHxHEIGHT such as 512x512, got {value!r}")
-    width, height = int(m.group(1)), int(m.group(2))
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise _err(source, "Size", f"width and height must be positive multiples of 8, got {value!r}")
-    return width, height
+        raise _err(source, key, f"expected WIDTHxHEIGHT such as 512x512, got {value!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _format_number(value: float) -> str:
-    # A1111 writes 7.0 as "7" in old infotexts and Python's repr otherwise; the shortest exact
-    # form keeps CFG 7 -> "7" and 7.5 -> "7.5" and round-trips through float().
+    # A1111 writes 7.0 as "7" (UI integers) and Python's repr otherwise; the shortest exact form
+    # keeps CFG 7 -> "7" and 7.5 -> "7.5" and round-trips through float().
     if float(value).is_integer():
         return str(int(value))
     return repr(float(value))
+
+
+def normalize_prompt(text: str) -> str:
+    """The prompt as A1111's reader gives it back: lines stripped, leading blank lines dropped."""
+    out = ""
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        line = line.strip()
+        out += ("" if out == "" else "\n") + line
+    return out
 
 
 @dataclass
@@ -133,21 +163,34 @@ class Infotext:
     """An A1111 infotext: prompts plus the parameter line's ``Key: value`` pairs, in order.
 
     Values are kept as the strings A1111 wrote (``params["Size"] == "512x512"``) so that formatting
-    gives the same text back; the properties give typed views of the fields blockmerge uses.
+    gives the same text back; the properties give typed views. ``notes`` lists what the reader
+    skipped (as A1111 does) so a caller can warn.
     """
 
     prompt: str = ""
     negative_prompt: str = ""
     params: dict[str, str] = field(default_factory=dict)
     source: str = "infotext"
+    notes: list[str] = field(default_factory=list, compare=False)
 
     def _get(self, key: str) -> str | None:
         return self.params.get(key)
 
+    def int_field(self, key: str, minimum: int | None = None) -> int | None:
+        v = self._get(key)
+        return None if v is None else _parse_int(self.source, key, v, minimum)
+
+    def float_field(self, key: str) -> float | None:
+        v = self._get(key)
+        return None if v is None else _parse_float(self.source, key, v)
+
+    def bool_field(self, key: str) -> bool | None:
+        v = self._get(key)
+        return None if v is None else _parse_bool(self.source, key, v)
+
     @property
     def steps(self) -> int | None:
-        v = self._get("Steps")
-        return None if v is None else _parse_int(self.source, "Steps", v, minimum=1)
+        return self.int_field("Steps", minimum=1)
 
     @property
     def sampler(self) -> str | None:
@@ -159,18 +202,26 @@ class Infotext:
 
     @property
     def cfg_scale(self) -> float | None:
-        v = self._get("CFG scale")
-        return None if v is None else _parse_float(self.source, "CFG scale", v)
+        return self.float_field("CFG scale")
 
     @property
     def seed(self) -> int | None:
-        v = self._get("Seed")
-        return None if v is None else _parse_int(self.source, "Seed", v)
+        return self.int_field("Seed")
 
     @property
     def size(self) -> tuple[int, int] | None:
         v = self._get("Size")
-        return None if v is None else _parse_size(self.source, v)
+        if v is None:
+            return None
+        width, height = _parse_size(self.source, "Size", v)
+        if width <= 0 or height <= 0 or width % 8 or height % 8:
+            raise _err(self.source, "Size", f"width and height must be positive multiples of 8, got {v!r}")
+        return width, height
+
+    @property
+    def first_pass_size(self) -> tuple[int, int] | None:
+        v = self._get("First pass size")
+        return None if v is None else _parse_size(self.source, "First pass size", v)
 
     @property
     def width(self) -> int | None:
@@ -185,8 +236,8 @@ class Infotext:
     @property
     def clip_skip(self) -> int:
         """A1111 omits ``Clip skip`` when it is 1 (the default), so a missing key means 1."""
-        v = self._get("Clip skip")
-        return 1 if v is None else _parse_int(self.source, "Clip skip", v, minimum=1)
+        v = self.int_field("Clip skip", minimum=1)
+        return 1 if v is None else v
 
     @property
     def model_hash(self) -> str | None:
@@ -197,11 +248,16 @@ class Infotext:
         return self._get("Model")
 
     def validate(self) -> Infotext:
-        """Check every field blockmerge interprets; raises :class:`BlockmergeError` naming the field."""
+        """Check the fields blockmerge interprets; raises :class:`BlockmergeError` naming the field."""
         _ = (self.steps, self.cfg_scale, self.seed, self.size, self.clip_skip)
+        return self
+
+    def check_keys(self) -> Infotext:
+        """Every key must be one A1111's reader reads back as itself."""
         for key in self.params:
             if not _KEY.fullmatch(key):
-                raise _err(self.source, key, "keys must be letters, digits, spaces, '-', '/' or '_'")
+                raise _err(self.source, key, "keys must be 2+ letters, digits, spaces, '-', '/' or '_', "
+                                             "starting with a letter or digit and not ending in a space")
         return self
 
     @classmethod
@@ -225,7 +281,7 @@ class Infotext:
         """An infotext for an image blockmerge made, with keys in A1111's order.
 
         A1111 writes Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model, ...,
-        Clip skip (only when not 1); ``extra`` keys follow (for example ``Version``).
+        Clip skip (only when not 1); ``extra`` keys follow (ENSD, RNG, Pad conds, ..., Version).
         """
         params: dict[str, str] = {"Steps": str(steps), "Sampler": sampler}
         if schedule_type is not None:
@@ -240,88 +296,94 @@ class Infotext:
         if clip_skip != 1:
             params["Clip skip"] = str(clip_skip)
         for key, value in (extra or {}).items():
+            if value is None:
+                continue
             params[key] = _format_number(value) if isinstance(value, float) else str(value)
-        return cls(prompt, negative_prompt, params).validate()
-
-
-def _parse_param_line(line: str) -> tuple[dict[str, str], int] | None:
-    """(pairs, number of ``Key: value`` pairs) of a parameter line; None if it is not all pairs."""
-    params: dict[str, str] = {}
-    n_pairs = 0
-    pos, end = 0, len(line)
-    while pos < end:
-        if not line[pos:].strip():
-            break
-        m = _PAIR.match(line, pos)
-        if m is not None and m.end() > pos:
-            key, value = m.group(1).strip(), m.group(2)
-            if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-                with contextlib.suppress(ValueError):  # A1111 keeps such values as written
-                    value = json.loads(value)
-            params[key] = value
-            n_pairs += 1
-            pos = m.end()
-            continue
-        f = _FLAG.match(line, pos)
-        if f is None or f.end() == pos:
-            return None
-        params[f.group(1)] = f.group(1)
-        pos = f.end()
-    return params, n_pairs
-
-
-def _is_param_line(parsed: tuple[dict[str, str], int] | None) -> bool:
-    # A1111 takes the last line as parameters when its regex finds 3+ "Key: value" pairs; a line
-    # that starts with Steps (A1111 always writes it first) counts too, so short lines round-trip.
-    if parsed is None:
-        return False
-    params, n_pairs = parsed
-    return n_pairs >= 3 or (n_pairs >= 1 and next(iter(params)) == "Steps")
+        return cls(prompt, negative_prompt, params).validate().check_keys()
 
 
 def parse_infotext(text: str, source: str = "infotext", require_params: bool = True) -> Infotext:
-    """Parse A1111 infotext; ``source`` names the text (a file name) in error messages.
+    """Parse A1111 infotext the way A1111 1.10 does; ``source`` names the text in messages.
 
     Raises :class:`BlockmergeError` when ``require_params`` and there is no parameter line, or when
     a field blockmerge interprets (Steps, CFG scale, Seed, Size, Clip skip) is malformed.
     """
     *lines, last = text.replace("\r\n", "\n").strip().split("\n")
-    parsed = _parse_param_line(last)
-    if parsed is not None and _is_param_line(parsed):
-        params = parsed[0]
-    else:
+    matches = list(_PARAM.finditer(last))
+    notes: list[str] = []
+    if len(matches) < 3:
+        if matches and not require_params:
+            notes.append(f"the last line has only {len(matches)} 'Key: value' pair(s); A1111 reads it as prompt "
+                         "text (a parameter line needs 3), so it is not applied")
         if require_params:
-            raise _err(
-                source, "parameters", "no parameter line ('Steps: 20, Sampler: Euler a, ...') at the end"
-            )
+            raise _err(source, "parameters",
+                       "no parameter line ('Steps: 20, Sampler: Euler a, CFG scale: 7, ...') at the end")
         lines.append(last)
-        params = {}
-    prompt: list[str] = []
-    negative: list[str] = []
-    in_negative = False
+        matches = []
+    prompt, negative = "", ""
+    done_with_prompt = False
     for raw in lines:
         line = raw.strip()
         if line.startswith(_NEGATIVE):
-            in_negative = True
-            line = line[len(_NEGATIVE) :].strip()
-        (negative if in_negative else prompt).append(line)
-    return Infotext("\n".join(prompt), "\n".join(negative), params, source).validate()
+            done_with_prompt = True
+            line = line[len(_NEGATIVE):].strip()
+        if done_with_prompt:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    params: dict[str, str] = {}
+    pos = 0
+    for m in matches:
+        gap = last[pos:m.start()].strip(" ,")
+        if gap:
+            notes.append(f"text {gap!r} in the parameter line is not a 'Key: value' pair and was skipped")
+        pos = m.end()
+        key, value = m.group(1), m.group(2)
+        if not value:  # A1111's reader fails on an empty value and drops the key
+            notes.append(f"field {key!r} has an empty value and was skipped")
+            continue
+        if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+            with contextlib.suppress(ValueError):  # A1111 keeps such values as written
+                value = json.loads(value)
+        params[key] = value
+    gap = last[pos:].strip(" ,") if matches else ""
+    if gap:
+        notes.append(f"text {gap!r} in the parameter line is not a 'Key: value' pair and was skipped")
+    for key in params:
+        if key != key.strip():
+            notes.append(f"field {key!r} has a space before its ':' so A1111 reads it as another key")
+    return Infotext(prompt, negative, params, source, notes).validate()
 
 
 def _quote(value: str) -> str:
-    # A1111's infotext_utils.quote, plus quoting of values the parser would otherwise change
-    # (leading/trailing spaces, surrounding quotes) so that format -> parse is lossless.
-    if any(c in value for c in ",:\n") or value != value.strip() or value.startswith('"'):
+    # A1111's infotext_utils.quote, plus quoting of values its reader would change (outer spaces,
+    # a leading quote, an empty value), so that A1111 reads back exactly what was written.
+    if any(c in value for c in ",:\n") or value != value.strip() or value.startswith('"') or value == "":
         return json.dumps(value, ensure_ascii=False)
     return value
 
 
+def _check_prompt(text: str, what: str, source: str) -> None:
+    for line in text.split("\n"):
+        if line.strip().startswith(_NEGATIVE):
+            raise BlockmergeError(
+                f"{source}: the {what} has a line starting with {_NEGATIVE!r}; A1111's PNG Info would read it "
+                "as the start of the negative prompt, so this infotext cannot be written faithfully"
+            )
+
+
 def format_infotext(info: Infotext) -> str:
-    """Write ``info`` exactly as A1111 writes infotext (the PNG ``parameters`` chunk)."""
-    info.validate()
-    parts = [key if key == value else f"{key}: {_quote(value)}" for key, value in info.params.items()]
-    negative = f"\n{_NEGATIVE} {info.negative_prompt}" if info.negative_prompt else ""
-    return f"{info.prompt}{negative}\n{', '.join(parts)}".strip()
+    """Write ``info`` as A1111 writes infotext (the PNG ``parameters`` chunk), in a form A1111's
+    reader gives back field for field (prompts as :func:`normalize_prompt` gives them)."""
+    info.validate().check_keys()
+    _check_prompt(info.prompt, "prompt", info.source)
+    _check_prompt(info.negative_prompt, "negative prompt", info.source)
+    prompt, negative = normalize_prompt(info.prompt), normalize_prompt(info.negative_prompt)
+    parts = [f"{key}: {_quote(value)}" for key, value in info.params.items()]
+    if len(parts) < 3:
+        raise BlockmergeError(f"{info.source}: an infotext needs at least 3 parameters (A1111 reads fewer as prompt)")
+    neg = f"\n{_NEGATIVE} {negative}" if negative else ""
+    return f"{prompt}{neg}\n{', '.join(parts)}".strip()
 
 
 def png_info(text: str) -> PngInfo:
@@ -337,15 +399,23 @@ def png_info(text: str) -> PngInfo:
 
 
 def read_png_infotext(path: str | Path) -> str | None:
-    """The infotext stored in an image (PNG ``parameters`` chunk), or None when it has none."""
+    """The infotext stored in an image (PNG ``parameters`` chunk), or None when it has none.
+
+    A compressed text chunk that inflates past Pillow's limit (1 MB, its decompression-bomb guard)
+    is an error naming the file, as is an image too large to open.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()  # text chunks after the image data are only read with the pixels
             value = image.info.get(PNG_TEXT_KEY)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise BlockmergeError(f"{path}: cannot read image ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise BlockmergeError(f"{path}: image too large to read safely ({exc})") from None
+    except ValueError as exc:  # Pillow: "Decompressed Data Too Large" for an oversized zTXt/iTXt chunk
+        raise BlockmergeError(f"{path}: a PNG text chunk inflates past Pillow's limit ({exc})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise BlockmergeError(f"{path}: cannot read image ({exc})") from None
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return value if isinstance(value, str) else None
@@ -355,18 +425,27 @@ def unsupported_fields(info: Infotext) -> list[str]:
     """Keys of ``info`` whose effect blockmerge will not reproduce, in infotext order (warn about them).
 
     Everything that is neither honoured nor purely informational is reported, so unknown extension
-    keys are flagged too. ``Sampler`` / ``Schedule type`` are reported when blockmerge has no
-    equivalent; ``Size`` when it is malformed.
+    keys (and keys A1111 itself reads as something else, such as ``"Steps "``) are flagged too.
+    ``Sampler`` / ``Schedule type`` are reported when blockmerge has no equivalent.
     """
-    from blockmerge.generation.samplers import SAMPLERS, SCHEDULE_TYPES  # name tables only, no diffusers
+    from blockmerge.generation.samplers import SCHEDULE_TYPES, resolve_sampler
+
     out: list[str] = []
     for key, value in info.params.items():
         if key == "Sampler":
-            if value.strip() not in SAMPLERS:
+            try:
+                resolve_sampler(value)
+            except BlockmergeError:
                 out.append(key)
         elif key == "Schedule type":
-            if value.strip() not in SCHEDULE_TYPES:
+            if value.strip() not in SCHEDULE_TYPES and value.strip() not in _schedule_names():
                 out.append(key)
         elif key not in HONOURED_KEYS and key not in INFORMATIONAL_KEYS:
             out.append(key)
     return out
+
+
+def _schedule_names() -> frozenset[str]:
+    from blockmerge.generation.schedules import SCHEDULERS
+
+    return frozenset(k for s in SCHEDULERS for k in (s.name, *s.aliases))

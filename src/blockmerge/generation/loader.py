@@ -5,7 +5,7 @@ copy of a model repository). Here every config is inferred from the tensor shape
 (:mod:`.configs`), the models are built from those configs, and the weights are renamed by
 diffusers' own converters in ``diffusers.loaders.single_file_utils`` (which only rename; they are
 never given a chance to fetch). The tokenizers come from the BPE vocabulary shipped with
-blockmerge and the schedulers from :mod:`.samplers`. Real SD1.5 files and the bundled tiny models
+blockmerge; sampling is A1111's loop in :mod:`.generate`. Real SD1.5 files and the bundled tiny models
 take exactly the same path.
 """
 
@@ -151,7 +151,6 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     prediction_type: str | None = None,
-    sampler: str = "Euler a",
     hash_file: bool = True,
 ) -> LoadedModel:
     """Load a single-file SD1.x / SD2.x / SDXL checkpoint (.safetensors, or .ckpt read without
@@ -170,7 +169,7 @@ def load_pipeline(
     )
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from .samplers import SD_SCHEDULER_CONFIG, make_scheduler
+    from .samplers import SD_SCHEDULER_CONFIG
     from .tokenizer import load_clip_tokenizer
 
     p = Path(path)
@@ -207,7 +206,13 @@ def load_pipeline(
 
     max_len = int(configs.text_encoders[0].config["max_position_embeddings"])
     tokenizers = [load_clip_tokenizer(max_length=max_len, pad_token=s.pad_token) for s in configs.text_encoders]
-    scheduler = make_scheduler(sampler, SD_SCHEDULER_CONFIG, prediction)
+    # The pipeline object wants a scheduler; blockmerge samples with A1111's loop (generate.py) and
+    # never calls it. This one (diffusers' Euler ancestral on k-diffusion's linspace timesteps) makes
+    # the pipeline usable on its own, as the tiny-model quality measurements use it.
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    scheduler = EulerAncestralDiscreteScheduler.from_config(
+        {**SD_SCHEDULER_CONFIG, "timestep_spacing": "linspace", "prediction_type": prediction})
 
     for m in (unet, vae, *text_encoders):
         m.eval()

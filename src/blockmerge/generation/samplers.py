@@ -1,43 +1,43 @@
-"""A1111 sampler names -> diffusers schedulers configured to behave like A1111's samplers.
+"""A1111's samplers by name, with the options A1111 1.10 gives each, and their sigma sequences.
 
-A1111's k-diffusion samplers take their sigmas from the model's own 1000-step discrete schedule,
-sampled at ``linspace(999, 0, steps)`` (k-diffusion ``DiscreteSchedule.get_sigmas``), or from the
-Karras et al. schedule between that schedule's smallest and largest sigma when the name ends in
-"Karras". In diffusers that is ``timestep_spacing="linspace"`` and ``use_karras_sigmas=True``.
-A1111's DDIM and PLMS use ``range(0, 1000, 1000 // steps) + 1``, i.e. ``"leading"`` spacing with
-``steps_offset=1`` (the SD training config). The mapping follows the A1111 table in the diffusers
-scheduler docs; it gives the same sigmas, not bit-identical images (the noise draws differ).
+The table is A1111's (``sd_samplers_kdiffusion.py``, ``sd_samplers_timesteps.py``,
+``sd_samplers_lcm.py``): which algorithm a name runs, its ``Automatic`` schedule (``DPM++ 2M`` is
+Karras, ``DPM++ 2M SDE`` exponential, ``Euler a`` the model's uniform discrete schedule), whether
+it drops the next-to-last sigma (DPM2, DPM2 a, DPM++ 3M SDE), whether it is second order (prompt
+editing counts model calls: two per step), whether its per-step noise follows ENSD, and whether
+it draws from a Brownian tree. :func:`resolve_sampler` reads names as A1111's
+``get_sampler_and_scheduler`` does, so old infotexts that fold the schedule into the name
+(``DPM++ 2M Karras``, ``Euler a Exponential``) keep working. :func:`k_sigmas` is
+``KDiffusionSampler.get_sigmas``.
 
-A1111 1.9+ writes the schedule separately (``Sampler: DPM++ 2M, Schedule type: Karras``); older
-infotexts fold it into the name (``Sampler: DPM++ 2M Karras``). :func:`resolve_sampler` accepts both.
-
-Nothing here imports diffusers until a scheduler is actually built, so the name tables are cheap
-to use from infotext validation.
+Nothing here imports diffusers: the name tables are cheap to use from infotext validation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from blockmerge.errors import BlockmergeError
 
-if TYPE_CHECKING:
-    from diffusers import SchedulerMixin
+from .schedules import SCHEDULERS, DiscreteSchedule, Scheduler, find_scheduler, schedule_sigmas
 
 __all__ = [
     "SAMPLERS",
     "SCHEDULE_TYPES",
     "SD_SCHEDULER_CONFIG",
     "SamplerSpec",
-    "make_scheduler",
+    "SigmaOptions",
+    "k_sigmas",
     "resolve_sampler",
 ]
 
-#: The DDPM noise schedule every SD1/SD2/SDXL checkpoint was trained with (the ``scheduler_config.json``
-#: the SD repos ship), so pipelines never need to download it.
+#: The DDPM noise schedule every SD1/SD2/SDXL checkpoint was trained with (diffusers' form, for the
+#: pipeline object the loader builds; sampling itself uses :func:`~.schedules.ldm_alphas_cumprod`).
 SD_SCHEDULER_CONFIG: Mapping[str, Any] = MappingProxyType(
     {
         "num_train_timesteps": 1000,
@@ -55,124 +55,116 @@ SD_SCHEDULER_CONFIG: Mapping[str, Any] = MappingProxyType(
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One A1111 sampler: the diffusers class that implements it and the config that matches A1111."""
+    """One A1111 sampler: the algorithm it runs and the options A1111 attaches to its name."""
 
-    scheduler: str
-    config: Mapping[str, Any] = field(default_factory=dict)
-    needs: str | None = None  # optional package the scheduler needs at run time
-    note: str = ""
+    function: str  # key of ksamplers.SAMPLE_FUNCTIONS or tsamplers.TIMESTEP_FUNCTIONS
+    kind: str = "k"  # "k" (sigmas), "timesteps" (DDIM/PLMS/UniPC) or "lcm"
+    scheduler: str | None = None  # the Automatic schedule (Scheduler.name), None = the model's uniform
+    second_order: bool = False
+    discard_penultimate: bool = False
+    uses_ensd: bool = False
+    brownian: bool = False
+    solver_type: str | None = None
+    eta: bool = False  # the algorithm takes eta (k: default 1; timesteps: default 0)
+    churn: bool = False  # takes s_churn / s_tmin / s_tmax (Euler, Heun, DPM2)
+    s_noise: bool = False
+    cfgpp: bool = False
 
-
-_LINSPACE = {"timestep_spacing": "linspace"}
-_KARRAS = {"timestep_spacing": "linspace", "use_karras_sigmas": True}
-_LEADING = {"timestep_spacing": "leading", "steps_offset": 1}
-_UNIPC = {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True}  # A1111's UniPC defaults
 
 _SPECS: dict[str, SamplerSpec] = {
-    "Euler a": SamplerSpec("EulerAncestralDiscreteScheduler", _LINSPACE),
-    "Euler": SamplerSpec("EulerDiscreteScheduler", _LINSPACE),
-    "LMS": SamplerSpec("LMSDiscreteScheduler", _LINSPACE),
-    "LMS Karras": SamplerSpec("LMSDiscreteScheduler", _KARRAS),
-    "Heun": SamplerSpec("HeunDiscreteScheduler", _LINSPACE, note="2 model calls per step"),
-    "Heun Karras": SamplerSpec("HeunDiscreteScheduler", _KARRAS, note="2 model calls per step"),
-    "DPM2": SamplerSpec("KDPM2DiscreteScheduler", _LINSPACE, note="A1111 drops the next-to-last sigma"),
-    "DPM2 Karras": SamplerSpec("KDPM2DiscreteScheduler", _KARRAS, note="A1111 drops the next-to-last sigma"),
-    "DPM2 a": SamplerSpec("KDPM2AncestralDiscreteScheduler", _LINSPACE),
-    "DPM2 a Karras": SamplerSpec("KDPM2AncestralDiscreteScheduler", _KARRAS),
-    "DPM++ 2M": SamplerSpec("DPMSolverMultistepScheduler", {**_LINSPACE, "algorithm_type": "dpmsolver++"}),
-    "DPM++ 2M Karras": SamplerSpec("DPMSolverMultistepScheduler", {**_KARRAS, "algorithm_type": "dpmsolver++"}),
-    "DPM++ 2M SDE": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {**_LINSPACE, "algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"},
-        note="Gaussian noise per step instead of A1111's Brownian tree",
-    ),
-    "DPM++ 2M SDE Karras": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {**_KARRAS, "algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"},
-        note="Gaussian noise per step instead of A1111's Brownian tree",
-    ),
-    "DPM++ SDE": SamplerSpec("DPMSolverSDEScheduler", _LINSPACE, needs="torchsde"),
-    "DPM++ SDE Karras": SamplerSpec("DPMSolverSDEScheduler", _KARRAS, needs="torchsde"),
-    "UniPC": SamplerSpec("UniPCMultistepScheduler", {**_LINSPACE, **_UNIPC}),
-    "DDIM": SamplerSpec("DDIMScheduler", _LEADING),
-    "PLMS": SamplerSpec("PNDMScheduler", {**_LEADING, "skip_prk_steps": True}),
+    "DPM++ 2M": SamplerSpec("sample_dpmpp_2m", scheduler="karras"),
+    "DPM++ SDE": SamplerSpec("sample_dpmpp_sde", scheduler="karras", second_order=True, brownian=True, eta=True,
+                             s_noise=True),
+    "DPM++ 2M SDE": SamplerSpec("sample_dpmpp_2m_sde", scheduler="exponential", brownian=True, eta=True,
+                                s_noise=True),
+    "DPM++ 2M SDE Heun": SamplerSpec("sample_dpmpp_2m_sde", scheduler="exponential", brownian=True,
+                                     solver_type="heun", eta=True, s_noise=True),
+    "DPM++ 2S a": SamplerSpec("sample_dpmpp_2s_ancestral", scheduler="karras", uses_ensd=True, second_order=True,
+                              eta=True, s_noise=True),
+    "DPM++ 3M SDE": SamplerSpec("sample_dpmpp_3m_sde", scheduler="exponential", discard_penultimate=True,
+                                brownian=True, eta=True, s_noise=True),
+    "Euler a": SamplerSpec("sample_euler_ancestral", uses_ensd=True, eta=True),
+    "Euler": SamplerSpec("sample_euler", churn=True, s_noise=True),
+    "LMS": SamplerSpec("sample_lms"),
+    "Heun": SamplerSpec("sample_heun", second_order=True, churn=True, s_noise=True),
+    "DPM2": SamplerSpec("sample_dpm_2", scheduler="karras", discard_penultimate=True, second_order=True,
+                        churn=True, s_noise=True),
+    "DPM2 a": SamplerSpec("sample_dpm_2_ancestral", scheduler="karras", discard_penultimate=True, uses_ensd=True,
+                          second_order=True, eta=True, s_noise=True),
+    "DPM fast": SamplerSpec("sample_dpm_fast", uses_ensd=True, eta=True, s_noise=True),
+    "DPM adaptive": SamplerSpec("sample_dpm_adaptive", uses_ensd=True, eta=True),
+    "Restart": SamplerSpec("restart", scheduler="karras", second_order=True),
+    "DDIM": SamplerSpec("ddim", kind="timesteps", eta=True),
+    "DDIM CFG++": SamplerSpec("ddim", kind="timesteps", eta=True, cfgpp=True),
+    "PLMS": SamplerSpec("plms", kind="timesteps"),
+    "UniPC": SamplerSpec("unipc", kind="timesteps"),
+    "LCM": SamplerSpec("lcm", kind="lcm"),
 }
 
-#: A1111 sampler name -> how blockmerge builds it (read-only).
+#: A1111 sampler name -> what it runs (read-only), in A1111 1.10's order.
 SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType(_SPECS)
-
-# A1111 "Schedule type" values we can reproduce, as the config they add. "Automatic" and "Uniform"
-# are k-diffusion's default discrete schedule; "SGM Uniform" is trailing spacing (diffusers docs).
-_SCHEDULE_OVERRIDES: dict[str, dict[str, Any]] = {
-    "Automatic": {},
-    "Uniform": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
-    "Beta": {"use_beta_sigmas": True},
-    "SGM Uniform": {"timestep_spacing": "trailing"},
-}
-#: The ``Schedule type`` values blockmerge honours.
-SCHEDULE_TYPES: tuple[str, ...] = tuple(_SCHEDULE_OVERRIDES)
-_SIGMA_KINDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+#: The ``Schedule type`` labels blockmerge honours (all of A1111 1.10's).
+SCHEDULE_TYPES: tuple[str, ...] = tuple(s.label for s in SCHEDULERS)
 
 
-def _unknown_sampler(name: str, source: str) -> BlockmergeError:
-    return BlockmergeError(f"{source}: unknown sampler {name!r}; supported: {', '.join(SAMPLERS)}")
+def resolve_sampler(name: str, schedule_type: str | None = None, source: str = "sampler") -> tuple[str, str]:
+    """(sampler name, Schedule type label) as A1111 reads them.
 
-
-def resolve_sampler(
-    name: str, schedule_type: str | None = None, source: str = "sampler"
-) -> tuple[str, dict[str, Any]]:
-    """Resolve an A1111 ``Sampler`` (+ optional ``Schedule type``) to (diffusers class name, config).
-
-    Raises :class:`BlockmergeError` naming ``source`` for an unknown sampler or schedule type, or one
-    that does not apply to that sampler (e.g. Karras for DDIM).
+    A schedule folded into the name (``DPM++ 2M Karras``) is split off; a schedule equal to the
+    sampler's own default becomes ``Automatic``. Unknown names are an error naming ``source``
+    (A1111 silently falls back to its default sampler; that would not be the image asked for).
     """
-    spec = SAMPLERS.get(name.strip())
+    found = find_scheduler(schedule_type, f"{source}: Schedule type") if schedule_type else SCHEDULERS[0]
+    base = name.strip()
+    for sched in SCHEDULERS:
+        for option in (sched.label, sched.name, *sched.aliases):
+            if base.endswith(" " + option):
+                found = sched
+                base = base[: -(len(option) + 1)]
+                break
+    spec = SAMPLERS.get(base)
     if spec is None:
-        raise _unknown_sampler(name, source)
-    config = dict(spec.config)
-    schedule = (schedule_type or "Automatic").strip()
-    if schedule not in _SCHEDULE_OVERRIDES:
-        raise BlockmergeError(
-            f"{source}: Schedule type {schedule_type!r} is not supported; supported: {', '.join(SCHEDULE_TYPES)}"
-        )
-    override = _SCHEDULE_OVERRIDES[schedule]
-    if override:
-        if spec.config.get("timestep_spacing") == "leading":
-            raise BlockmergeError(f"{source}: Schedule type {schedule!r} does not apply to sampler {name!r}")
-        if any(k in override for k in _SIGMA_KINDS):
-            for k in _SIGMA_KINDS:
-                config.pop(k, None)
-        config.update(override)
-    return spec.scheduler, config
+        raise BlockmergeError(f"{source}: unknown sampler {name!r}; supported: {', '.join(SAMPLERS)}")
+    if spec.scheduler == found.name:
+        found = SCHEDULERS[0]
+    return base, found.label
 
 
-def make_scheduler(
-    name: str,
-    base_config: Mapping[str, Any] = SD_SCHEDULER_CONFIG,
-    prediction_type: str = "epsilon",
-    schedule_type: str | None = None,
-) -> SchedulerMixin:
-    """Build the diffusers scheduler for A1111 sampler ``name`` on the model's noise schedule.
+@dataclass(frozen=True)
+class SigmaOptions:
+    """A1111 options that change a k-sampler's sigmas (their infotext fields in comments)."""
 
-    ``base_config`` is the checkpoint's training schedule (:data:`SD_SCHEDULER_CONFIG` for SD1/SD2/SDXL);
-    ``prediction_type`` is ``"epsilon"`` or ``"v_prediction"`` (SD2 768-v models). Entries of the
-    base config a scheduler class does not know are dropped by diffusers' ``from_config``.
-    """
-    class_name, overrides = resolve_sampler(name, schedule_type)
-    spec = SAMPLERS[name.strip()]
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise BlockmergeError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    discard_penultimate: bool = False  # "Discard penultimate sigma" (always_discard_next_to_last_sigma)
+    sigma_min: float = 0.0  # "Schedule min sigma" (0 = the model's)
+    sigma_max: float = 0.0  # "Schedule max sigma"
+    rho: float = 0.0  # "Schedule rho" (0 = the schedule's default)
+    beta_alpha: float = 0.6  # "Beta schedule alpha"
+    beta_beta: float = 0.6  # "Beta schedule beta"
 
-    import diffusers  # deferred: heavy, and only needed once a scheduler is really built
-    from diffusers.utils import is_torchsde_available
 
-    if spec.needs == "torchsde" and not is_torchsde_available():
-        raise BlockmergeError(
-            f"sampler {name!r} needs the optional package torchsde (pip install torchsde); "
-            "'DPM++ 2M SDE' and 'DPM++ 2M SDE Karras' work without it"
-        )
-    cls = getattr(diffusers, class_name)
-    config = {**dict(base_config), **overrides, "prediction_type": prediction_type}
-    return cls.from_config(config)
+def effective_scheduler(spec: SamplerSpec, schedule_type: str) -> Scheduler | None:
+    """The schedule a k-sampler really uses (``Automatic`` resolved to the sampler's default)."""
+    sched = find_scheduler(schedule_type)
+    if sched.function is None:
+        return find_scheduler(spec.scheduler) if spec.scheduler else None
+    return sched
+
+
+def k_sigmas(spec: SamplerSpec, schedule_type: str, steps: int, inner: DiscreteSchedule,
+             options: SigmaOptions = SigmaOptions(), family: str = "SD1") -> torch.Tensor:
+    """The sigma sequence A1111's ``KDiffusionSampler.get_sigmas`` gives (float32, on the CPU)."""
+    discard = spec.discard_penultimate or options.discard_penultimate
+    steps += 1 if discard else 0
+    sched = effective_scheduler(spec, schedule_type)
+    if sched is None:
+        sigmas = inner.get_sigmas(steps)
+    else:
+        m_min, m_max = inner.sigma_min.item(), inner.sigma_max.item()
+        smin = options.sigma_min if options.sigma_min and options.sigma_min != m_min else m_min
+        smax = options.sigma_max if options.sigma_max and options.sigma_max != m_max else m_max
+        rho = options.rho if sched.default_rho != -1 and options.rho and options.rho != sched.default_rho else None
+        sigmas = schedule_sigmas(sched, steps, inner, sigma_min=smin, sigma_max=smax, rho=rho, family=family,
+                                 beta_alpha=options.beta_alpha, beta_beta=options.beta_beta)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas.cpu()
