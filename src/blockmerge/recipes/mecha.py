@@ -48,7 +48,6 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "add_difference": (("a", "b", "alpha"), {"alpha": 1.0}),
     "subtract": (("a", "b"), {}),
     "perpendicular_component": (("a", "b"), {}),
-    "train_difference_mask": (("a", "b", "c", "alpha"), {"alpha": 1.0}),
     "fallback": (("a", "default"), {}),
 }
 _VARIADIC: dict[str, dict[str, Any]] = {
@@ -248,6 +247,20 @@ class _Builder:
         return name
 
     # -- parameters ----------------------------------------------------------------------------
+    def scalar(self, v: Any, what: str) -> Any:
+        """A plain value (number or bool), given directly or as a singleton literal (``&N``)."""
+        if not isinstance(v, _Ref):
+            return v
+        got = self.line(self.strip(v))
+        if got and got[1].kind == "literal" and got[1].kwargs.get("model_config") == "singleton-mecha":
+            inner = got[1].args[0] if got[1].args else None
+            d = self.lines[inner.index] if isinstance(inner, _Ref) else None
+            if d is not None and d.kind == "dict" and len(d.kwargs) == 1:
+                return next(iter(d.kwargs.values()))
+        if got and got[1].kind == "dict" and len(got[1].kwargs) == 1:
+            return next(iter(got[1].kwargs.values()))
+        raise RecipeError(f"{self.source}: {what}: expected a single value")
+
     def param(self, v: Any, default: float, what: str) -> Any:
         """An sd-mecha hyperparameter -> a number or a blockmerge weight spec."""
         if isinstance(v, bool) or v is None:
@@ -340,7 +353,7 @@ class _Builder:
             return self.add_difference(i)
         if m in ("n_average", "geometric_median"):
             defaults = _VARIADIC[m]
-            extra = {k: float(v) for k, v in ln.kwargs.items()}
+            extra = {k: float(self.scalar(v, f"{m} {k}")) for k, v in ln.kwargs.items()}
             unknown = sorted(set(extra) - set(defaults))
             if unknown:
                 raise RecipeError(f"{where}: {m}: argument {unknown[0]!r} cannot be imported")
@@ -359,18 +372,6 @@ class _Builder:
         a_ref, d_ref = self.strip(b["a"]), self.strip(b["b"])
         alpha_raw = b["alpha"]
         dm = self.method_of(d_ref)
-        # alpha = train_difference_mask(A, B, C) with d = B - C: supermerger's trainDifference
-        if self.method_of(self.strip(alpha_raw)) == "train_difference_mask" and dm == "subtract":
-            mi = self.strip(alpha_raw).index
-            mb = self.bind(mi, *_SIGNATURES["train_difference_mask"])
-            sb = self.bind(d_ref.index, *_SIGNATURES["subtract"])
-            same = (self.strip(mb["a"]) == a_ref and self.strip(mb["b"]) == self.strip(sb["a"])
-                    and self.strip(mb["c"]) == self.strip(sb["b"]))
-            if not same:
-                raise RecipeError(f"{self.where(i)}: add_difference with a train_difference_mask of other models "
-                                  "cannot be imported")
-            models = [self.operand(a_ref, "a"), self.operand(sb["a"], "b"), self.operand(sb["b"], "c")]
-            return self.add_step(i, "train_difference", models, alpha=self.param(mb["alpha"], 1.0, "alpha"))
         alpha = self.param(alpha_raw, 1.0, "add_difference alpha")
         if dm == "subtract":
             sb = self.bind(d_ref.index, *_SIGNATURES["subtract"])
@@ -389,7 +390,8 @@ class _Builder:
         if dm == "ties_sum":
             ti = d_ref.index
             tl = self.lines[ti]
-            opts = {**_VARIADIC["ties_sum"], **tl.kwargs}
+            opts = {**_VARIADIC["ties_sum"],
+                    **{k: self.scalar(v, f"ties_sum {k}") for k, v in tl.kwargs.items()}}
             unknown = sorted(set(tl.kwargs) - set(_VARIADIC["ties_sum"]))
             if unknown:
                 raise RecipeError(f"{self.where(ti)}: ties_sum: argument {unknown[0]!r} cannot be imported")
@@ -412,14 +414,19 @@ class _Builder:
     def clamp(self, i: int) -> str:
         ln = self.lines[i]
         x, *bounds = [self.strip(v) for v in ln.args[1:]]
-        if float(ln.kwargs.get("stiffness", 0.0)) != 0.0:
+        if float(self.scalar(ln.kwargs.get("stiffness", 0.0), "clamp stiffness")) != 0.0:
             raise RecipeError(f"{self.where(i)}: clamp with stiffness cannot be imported")
         inner = self.merge(x.index) if self.method_of(x) else None
         if inner is None:
             raise RecipeError(f"{self.where(i)}: clamp of something other than a merge cannot be imported")
         step = next(s for s in self.steps if s["name"] == inner)
-        bound_names = sorted(self.operand(v, "clamp bound") for v in bounds)
-        if bound_names != sorted(set(step["models"])):
+        from ..merge.methods import METHODS
+
+        method = METHODS[step["method"]]
+        roles = method.roles(len(step["models"]))
+        ours = {n for n, r in zip(step["models"], roles, strict=True) if not method.clamp_to or r.name in method.clamp_to}
+        bound_names = {self.operand(v, "clamp bound") for v in bounds}
+        if bound_names != ours:
             raise RecipeError(f"{self.where(i)}: clamp bounds other than the merge's own models cannot be imported")
         step["clamp"] = True
         self.names[i] = inner
