@@ -209,8 +209,6 @@ def generate(
     ``embeddings`` lets a caller reuse an encoded prompt (the sweeps do, when the text encoder is
     untouched). ``on_image`` is called as each image is ready.
     """
-    from .samplers import SD_SCHEDULER_CONFIG, make_scheduler
-
     params = params.checked()
     seeds = list(seeds if seeds is not None else params.seeds)
     pipe = loaded.pipeline
@@ -219,8 +217,7 @@ def generate(
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if width % factor or height % factor:
         raise BlockmergeError(f"--width/--height {width}x{height}: must be multiples of {factor} for this model")
-    pipe.scheduler = make_scheduler(params.sampler, SD_SCHEDULER_CONFIG, loaded.prediction_type,
-                                    schedule_type=params.schedule_type)
+    pipe.scheduler = loaded.make_scheduler(params.sampler, params.schedule_type)
     emb = embeddings or encode_prompts(loaded, params)
     bs = max(1, batch_size or len(seeds))
     c = pipe.unet.config.in_channels
