@@ -206,7 +206,7 @@ class MergeNode:
                 self.report.partial_channels.append(key)
                 continue
             detail = ", ".join(f"{o.name} {list(s)}" for o, s in zip(others, shapes, strict=True))
-            raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}")
+            raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}{self._variants_note()}")
 
     def _check_markers(self, a_keys: set[str], other_keys: list[set[str]]) -> None:
         """Warn when the operands disagree on a family's copied markers (a v-prediction model merged
@@ -230,6 +230,12 @@ class MergeNode:
                 self.report.warnings.append(
                     f"{names[0]} is {variants[0].title} but {names[i]} is {v.title}; tensors only {names[0]} has are kept from it"
                 )
+
+    def _variants_note(self) -> str:
+        vs = [(o.name, getattr(o, "variant", None)) for o in self.operands]
+        if len({id(v) for _, v in vs if v is not None}) < 2:
+            return ""
+        return " (" + ", ".join(f"{n} is {v.title}" for n, v in vs if v is not None) + ": different variants)"
 
     @staticmethod
     def _partial_ok(key: str, a_shape: tuple[int, ...], shapes: list[tuple[int, ...]]) -> bool:
