@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _comfy import comfy_args, comfy_ratio_name, our_id_for_comfy_arg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from _comfy import comfy_args, comfy_ratio_name, our_id_for_comfy_arg
 from blockmerge.architectures import (
     BASE,
     FLUX,

@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from blockmerge.architectures import BASE, FLUX, SD3, SD35L, SD1, SDXL, UNET_PREFIX, by_name, detect
+from _comfy import comfy_args, comfy_ratio_name, our_id_for_comfy_arg
+from blockmerge.architectures import BASE, FLUX, SD1, SD3, SD35L, SDXL, UNET_PREFIX, by_name, detect
 from blockmerge.architectures.synthetic import (
     layout,
     make_state_dict,
@@ -34,8 +35,6 @@ from blockmerge.architectures.transformer_names import (
     single_file_shapes,
     transformer_to_single_file,
 )
-
-from _comfy import comfy_args, comfy_ratio_name, our_id_for_comfy_arg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 su = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -146,7 +145,13 @@ def test_full_parameter_counts_are_the_published_models() -> None:
 @pytest.mark.parametrize(("arch", "variant"), [("FLUX", "dev"), ("SD3", "sd3-medium"), ("SD3", "sd3.5-medium"), ("SD35L", None)])
 def test_text_encoders_and_vae_load_through_diffusers_and_transformers(arch: str, variant: str | None) -> None:
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     cfg = transformer_configs(arch, "tiny", variant)
     sd = make_state_dict(arch, "tiny", seed=3, dtype=torch.float32, variant=variant)

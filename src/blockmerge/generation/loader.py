@@ -75,10 +75,13 @@ class LoadedModel:
         """The diffusers scheduler for A1111 sampler ``sampler`` on this model's schedule and
         prediction type. A zero-SNR model with a sampler whose diffusers class cannot rescale the
         schedule is an error, not a silently wrong schedule."""
+        import inspect
+
         from .samplers import make_scheduler
 
         sched = make_scheduler(sampler, self.scheduler_config, self.prediction_type, schedule_type=schedule_type)
-        if self.zero_snr and not sched.config.get("rescale_betas_zero_snr", False):
+        # from_config keeps keys a class does not take in its config, so ask the class itself.
+        if self.zero_snr and "rescale_betas_zero_snr" not in inspect.signature(type(sched).__init__).parameters:
             raise BlockmergeError(
                 f"sampler {sampler!r} cannot run a zero-terminal-SNR (ztsnr) model in diffusers; "
                 f"use one of {', '.join(ZERO_SNR_SAMPLERS)} (or --prediction eps to run it as epsilon)"

@@ -218,8 +218,8 @@ class MergeNode:
                 continue
             kind = ""
             if V_PRED_MARKER in diff:
-                pa, po = ("v-prediction", "epsilon") if V_PRED_MARKER in a_keys else ("epsilon", "v-prediction")
-                kind = f": merging a {pa} model ({names[0]}) with a {po} one ({names[i]})"
+                pa, po = ("a v-prediction", "an epsilon") if V_PRED_MARKER in a_keys else ("an epsilon", "a v-prediction")
+                kind = f": merging {pa} model ({names[0]}) with {po} one ({names[i]})"
             self.report.warnings.append(
                 f"{', '.join(diff)} differ between {names[0]} and {names[i]}{kind}; "
                 f"the output keeps {names[0]}'s ({', '.join(sorted(k for k in a_keys if self.arch.is_copied(k))) or 'none'})"
