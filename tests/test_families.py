@@ -431,3 +431,21 @@ def test_fp8_output_clamps_to_the_range_and_says_how_often(tmp_path: Path, capsy
     got = load_file(out)[key].float().view(-1)[:7]
     assert got.tolist() == [limit, -limit, limit, -limit, limit, limit, -limit]
     assert not torch.isinf(load_file(out)[key].float()).any()
+
+
+def test_report_of_a_flux_sweep_reads_in_execution_order(tmp_path: Path) -> None:
+    """The sweep report takes its grid from the family's layout: Flux's 59 blocks in three columns
+    in execution order (no Flux sweep can run yet; the report of one is laid out from the data)."""
+    from test_report import make_sweep
+
+    from blockmerge.experiments.report import write_report
+
+    res = make_sweep(tmp_path / "sweep", "FLUX", list(FLUX.block_ids), prompts=1, seeds=[1])
+    html = write_report(tmp_path / "report", res).read_text()
+    assert "grid-template-columns:repeat(3," in html
+    found = re.findall(r'data-block="([^"]+)"[^>]*style="grid-row:(\d+);grid-column:(\d+)', html)
+    cells = {b: (int(r), int(c)) for b, r, c in found}
+    assert {b: cells[b] for b in FLUX.block_ids} == dict(FLUX.layout.positions)
+    assert cells["IN"] == (2, 1) and cells["D18"] == (21, 1) and cells["S00"] == (2, 2) and cells["OUT"] == (21, 3)
+    svgs = list((tmp_path / "report").rglob("*.svg"))
+    assert svgs and all("execution order" in p.read_text() for p in svgs)
