@@ -436,9 +436,8 @@ def test_fp8_output_clamps_to_the_range_and_says_how_often(tmp_path: Path, capsy
 def test_report_of_a_flux_sweep_reads_in_execution_order(tmp_path: Path) -> None:
     """The sweep report takes its grid from the family's layout: Flux's 59 blocks in three columns
     in execution order (no Flux sweep can run yet; the report of one is laid out from the data)."""
-    from test_report import make_sweep
-
     from blockmerge.experiments.report import write_report
+    from test_report import make_sweep
 
     res = make_sweep(tmp_path / "sweep", "FLUX", list(FLUX.block_ids), prompts=1, seeds=[1])
     html = write_report(tmp_path / "report", res).read_text()
