@@ -448,3 +448,44 @@ def test_report_of_a_flux_sweep_reads_in_execution_order(tmp_path: Path) -> None
     assert cells["IN"] == (2, 1) and cells["D18"] == (21, 1) and cells["S00"] == (2, 2) and cells["OUT"] == (21, 3)
     svgs = list((tmp_path / "report").rglob("*.svg"))
     assert svgs and all("execution order" in p.read_text() for p in svgs)
+
+
+def test_flux_recipe_streams_the_same_tensors_as_step_by_step_merges(flux_pair, tmp_path: Path) -> None:
+    """A two-step Flux recipe (61-value list, then add difference) equals the same merges made one
+    file at a time, tensor for tensor."""
+    a, b, c = flux_pair
+    w61 = ",".join(map(str, FLUX_61))
+    (tmp_path / "r.toml").write_text(f"""
+version = 1
+[inputs]
+A = "{a}"
+B = "{b}"
+C = "{c}"
+[[steps]]
+name = "ab"
+models = ["A", "B"]
+alpha = "{w61}"
+[[steps]]
+name = "plus"
+method = "add_difference"
+models = ["ab", "A", "C"]
+alpha = "0.2,D=0.5,CLIP=0"
+[[outputs]]
+path = "{tmp_path / 'recipe.safetensors'}"
+dtype = "fp32"
+""")
+    assert main(["run", str(tmp_path / "r.toml"), "-q"]) == 0
+    merge([a, b], tmp_path / "ab.safetensors", alpha=w61, dtype="fp32", threads=1)
+    merge([tmp_path / "ab.safetensors", a, c], tmp_path / "plus.safetensors", method="add_difference",
+          alpha="0.2,D=0.5,CLIP=0", dtype="fp32", threads=1)
+    got, want = load_file(tmp_path / "recipe.safetensors"), load_file(tmp_path / "plus.safetensors")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_generation_refuses_flux_and_sd3_clearly(flux_pair, tmp_path: Path, capsys) -> None:
+    bare = write_synthetic(tmp_path / "bare.safetensors", "FLUX", seed=1, parts="model", bare=True)
+    for model in (flux_pair[0], bare):
+        assert main(["generate", str(model), "-o", str(tmp_path / "out"), "--prompt", "x", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "is Flux.1; blockmerge generates with SD1.x, SD2.x and SDXL models only" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..architectures import SD2, UNET_PREFIX, V_PRED_MARKER, ZTSNR_MARKER, Architecture, detect
+from ..architectures import EMA_PREFIX, SD2, UNET_PREFIX, V_PRED_MARKER, ZTSNR_MARKER, Architecture, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import file_hashes, open_checkpoint
 from .configs import ModelConfigs, TextEncoderSpec, infer_configs
@@ -177,9 +177,16 @@ def _load_exact(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: 
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], frozenset[str]]:
-    """The tensors a pipeline needs, the metadata, and every key name (markers included)."""
+    """The tensors a pipeline needs, the metadata, and every key name (markers included).
+
+    The family is checked from the key names first, so a model blockmerge cannot generate with
+    (Flux, SD3) is refused before gigabytes of tensors are read."""
     with open_checkpoint(path) as reader:
         all_keys = frozenset(reader.keys())
+        arch = detect([k for k in all_keys if not k.startswith(EMA_PREFIX)], str(path))
+        if arch.generation is None:
+            raise CheckpointError(f"{path}: is {arch.title}; blockmerge generates with SD1.x, SD2.x and SDXL "
+                                  "models only (merge, blocks, info and compare work with this one)")
         keys = [k for k in all_keys if k.startswith(_NEEDED_PREFIXES)]
         state = {k: reader.get(k) for k in keys}
         metadata = dict(getattr(reader, "metadata", None) or {})
