@@ -80,17 +80,63 @@ def loadavg() -> float:
         return float("nan")
 
 
-def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Measurement:
+class Stopped(RuntimeError):
+    """A child the guard of :func:`measure` stopped (the machine ran short of memory, or time ran out)."""
+
+    def __init__(self, reason: str, wall_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.wall_s = wall_s
+
+
+def _run_guarded(argv: Sequence[str], env: Mapping[str, str], cwd: str | Path | None,
+                 min_available: int | None, timeout: float | None) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the child (and raises :class:`Stopped`) when the machine's
+    MemAvailable falls below ``min_available`` bytes or ``timeout`` seconds pass.
+
+    Why: on a shared machine a contender that needs more memory than there is would make the
+    kernel's OOM killer pick a victim, maybe another user's process; stopping it first and saying
+    so is the honest result."""
+    if min_available is None and timeout is None:
+        return subprocess.run(list(argv), env=dict(env), cwd=cwd, capture_output=True, text=True)
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        # Its own process group, so a kill reaches the contender under /usr/bin/time too.
+        child = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out, stderr=err, text=True,
+                                 start_new_session=True)
+        reason = None
+        while child.poll() is None:
+            time.sleep(0.2)
+            avail = mem_available()
+            if min_available is not None and avail and avail < min_available:
+                reason = f"stopped: the machine's available memory fell to {fmt_bytes(avail)}"
+            elif timeout is not None and time.perf_counter() - t0 > timeout:
+                reason = f"stopped: still running after {timeout / 60:.0f} min"
+            if reason:
+                import signal
+
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise Stopped(reason, time.perf_counter() - t0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(list(argv), child.returncode, out.read(), err.read())
+
+
+def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None, *,
+            min_available: int | None = None, timeout: float | None = None) -> Measurement:
     """Run ``cmd`` in a child process and return its wall time and peak RSS.
 
     Raises ``RuntimeError`` with the child's stderr when it fails: a benchmark of a crash is no
-    number at all.
+    number at all. ``min_available`` / ``timeout`` guard the machine (see :class:`Stopped`).
     """
     full_env = {**os.environ, **(env or {})}
     before = loadavg()
     if os.path.exists(GNU_TIME):
         t0 = time.perf_counter()
-        p = subprocess.run([GNU_TIME, "-v", *cmd], env=full_env, cwd=cwd, capture_output=True, text=True)
+        p = _run_guarded([GNU_TIME, "-v", *cmd], full_env, cwd, min_available, timeout)
         wall_py = time.perf_counter() - t0
         # GNU time appends its report to the child's stderr; split it off.
         idx = p.stderr.rfind("\tCommand being timed:")
@@ -107,7 +153,7 @@ def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: str |
     # this child's peak if it is the largest so far; good enough where GNU time is missing.
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(list(cmd), env=full_env, cwd=cwd, capture_output=True, text=True)
+    p = _run_guarded(cmd, full_env, cwd, min_available, timeout)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
@@ -143,6 +189,11 @@ def _mem_total() -> int:
     except OSError:
         pass
     return 0
+
+
+def machine_ram() -> int:
+    """Total RAM in bytes (0 when unknown)."""
+    return _mem_total()
 
 
 def mem_available() -> int:

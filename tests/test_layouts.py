@@ -421,7 +421,7 @@ def test_streaming_writer_matches_safetensors_library(tmp_path) -> None:
 
 def test_bad_arguments_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(BlockmergeError, match="unknown architecture"):
-        layout("SD3")
+        layout("SD4")
     with pytest.raises(BlockmergeError, match="unknown size"):
         layout("SD1", "huge")
     with pytest.raises(BlockmergeError, match="unknown format"):

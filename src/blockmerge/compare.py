@@ -1,7 +1,8 @@
-"""Where two models differ, per component and per U-Net block (``blockmerge compare A B [--base C]``).
+"""Where two models differ, per component and per block (``blockmerge compare A B [--base C]``).
 
 Before choosing block weights a user wants to see which blocks of A and B actually differ. For each
-group (text encoder(s), VAE, and every U-Net block, with the same key -> block rule the merge uses)
+group (text encoder(s), VAE, and every block of the family's diffusion model, with the same key ->
+block rule the merge uses)
 the group's tensors are treated as one long vector and we report:
 
 - relative distance ``||A - B|| / ||A||`` (0 = identical; 1 = as large as A itself),
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .architectures import BASE, Architecture
+from .architectures import BASE, Architecture, Layout, by_name
 from .errors import BlockmergeError
 from .experiments.heatmap import u_heatmap_svg
 from .merge.nodes import FileSource, is_weight
@@ -272,13 +273,21 @@ def format_table(r: CompareResult) -> str:
 
 
 def heatmap_svg(r: CompareResult, metric: str = "distance", title: str | None = None) -> str:
-    """The U-shaped heat map of one metric (the sweep report's layout), components in the top row."""
+    """The heat map of one metric in the family's layout (the U for U-Nets, execution order for
+    transformer stacks; the sweep report's layout), components in the top row."""
     blocks, comps = r.values(metric)
     _, label, higher = METRICS[metric]
     pair = f"{Path(r.a).stem} vs {Path(r.b).stem}"
     # the map is ~380 px wide: the file names only where they fit beside the metric
     name = title or (f"{label}: {pair}" if len(pair) + len(label) <= 44 else label)
-    return u_heatmap_svg(r.block_ids, blocks, name, extra=comps, higher_is_more=higher)
+    return u_heatmap_svg(r.block_ids, blocks, name, extra=comps, higher_is_more=higher, layout=_layout(r.architecture))
+
+
+def _layout(name: str) -> Layout | None:
+    try:
+        return by_name(name).layout
+    except KeyError:  # a result of a family no longer registered: U-Net ids still draw as the U
+        return None
 
 
 def compare_json_text(r: CompareResult) -> str:

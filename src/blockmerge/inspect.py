@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import EMA_PREFIX, detect
+from .architectures import BASE, EMA_PREFIX, detect, prediction_of
 from .io import SafetensorsReader, file_hashes, open_checkpoint
 from .merge.metadata import read_record
 
@@ -21,7 +21,8 @@ class BlockRow:
 
 
 def block_table(path: str | os.PathLike[str]) -> tuple[str, list[BlockRow], list[BlockRow]]:
-    """The architecture name, one row per block (BASE first) and one row per component of BASE."""
+    """The architecture name, one row per id (BASE and weighted components first, then the blocks)
+    and one row per component of BASE."""
     with open_checkpoint(path) as r:
         keys = [k for k in r.keys() if not k.startswith(EMA_PREFIX)]
         arch = detect(keys, str(path))
@@ -32,7 +33,7 @@ def block_table(path: str | os.PathLike[str]) -> tuple[str, list[BlockRow], list
             b = arch.block_of(k)
             counts[b][0] += 1
             counts[b][1] += n
-            if b == "BASE":
+            if b == BASE:
                 c = comps.setdefault(arch.component_of(k), [0, 0])
                 c[0] += 1
                 c[1] += n
@@ -46,7 +47,9 @@ def checkpoint_info(path: str | os.PathLike[str], *, hashes: bool = True) -> dic
     p = Path(path)
     with open_checkpoint(p) as r:
         keys = r.keys()
-        arch = detect([k for k in keys if not k.startswith(EMA_PREFIX)], str(p))
+        model_keys = [k for k in keys if not k.startswith(EMA_PREFIX)]
+        arch = detect(model_keys, str(p))
+        variant = arch.variant_of(model_keys)
         dtypes: Counter[str] = Counter()
         params = 0
         for k in keys:
@@ -58,7 +61,9 @@ def checkpoint_info(path: str | os.PathLike[str], *, hashes: bool = True) -> dic
     info: dict[str, Any] = {
         "path": str(p),
         "architecture": arch.name,
-        "title": arch.title,
+        "title": variant.title if variant is not None else arch.title,
+        "variant": variant.name if variant is not None else None,
+        "prediction": prediction_of(arch, model_keys, meta),
         "format": fmt,
         "size_bytes": p.stat().st_size,
         "tensors": len(keys),

@@ -203,8 +203,9 @@ def _vae_resnet_rest(rest: str) -> str:
     return rest.replace("conv_shortcut.", "nin_shortcut.", 1) if rest.startswith("conv_shortcut.") else rest
 
 
-def vae_diffusers_to_ldm_name(name: str, config: Mapping[str, Any]) -> str:
-    """The single-file key (with ``first_stage_model.``) of an ``AutoencoderKL`` tensor.
+def vae_diffusers_to_ldm_name(name: str, config: Mapping[str, Any], prefix: str = VAE_PREFIX) -> str:
+    """The single-file key (under ``prefix``: ``first_stage_model.``, Flux checkpoints ``vae.``) of an
+    ``AutoencoderKL`` tensor.
 
     LDM numbers decoder levels from the lowest resolution up (``up.3`` runs first), diffusers in
     execution order (``up_blocks.0`` runs first), so the decoder index is reversed; ``config``
@@ -213,42 +214,44 @@ def vae_diffusers_to_ldm_name(name: str, config: Mapping[str, Any]) -> str:
     n_levels = len(config["block_out_channels"])
     for side in ("encoder", "decoder"):
         if name.startswith(f"{side}.conv_norm_out."):
-            return f"{VAE_PREFIX}{side}.norm_out.{name[len(side) + len('.conv_norm_out.'):]}"
+            return f"{prefix}{side}.norm_out.{name[len(side) + len('.conv_norm_out.'):]}"
     m = _VAE_DOWN.fullmatch(name)
     if m:
-        return f"{VAE_PREFIX}encoder.down.{m[1]}.block.{m[2]}.{_vae_resnet_rest(m[3])}"
+        return f"{prefix}encoder.down.{m[1]}.block.{m[2]}.{_vae_resnet_rest(m[3])}"
     m = _VAE_DOWNSAMPLE.fullmatch(name)
     if m:
-        return f"{VAE_PREFIX}encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        return f"{prefix}encoder.down.{m[1]}.downsample.conv.{m[2]}"
     m = _VAE_UP.fullmatch(name)
     if m:
         level = n_levels - 1 - int(m[1])
-        return f"{VAE_PREFIX}decoder.up.{level}.block.{m[2]}.{_vae_resnet_rest(m[3])}"
+        return f"{prefix}decoder.up.{level}.block.{m[2]}.{_vae_resnet_rest(m[3])}"
     m = _VAE_UPSAMPLE.fullmatch(name)
     if m:
         level = n_levels - 1 - int(m[1])
-        return f"{VAE_PREFIX}decoder.up.{level}.upsample.conv.{m[2]}"
+        return f"{prefix}decoder.up.{level}.upsample.conv.{m[2]}"
     m = _VAE_MID_RESNET.fullmatch(name)
     if m:
-        return f"{VAE_PREFIX}{m[1]}.mid.block_{int(m[2]) + 1}.{_vae_resnet_rest(m[3])}"
+        return f"{prefix}{m[1]}.mid.block_{int(m[2]) + 1}.{_vae_resnet_rest(m[3])}"
     m = _VAE_MID_ATTN.fullmatch(name)
     if m:
         module, _, param = m[2].rpartition(".")
         if module not in _VAE_ATTN:
             raise ValueError(f"no single-file name for VAE tensor {name!r}")
-        return f"{VAE_PREFIX}{m[1]}.mid.attn_1.{_VAE_ATTN[module]}.{param}"
+        return f"{prefix}{m[1]}.mid.attn_1.{_VAE_ATTN[module]}.{param}"
     if name.split(".")[0] in ("quant_conv", "post_quant_conv") or re.fullmatch(
         r"(encoder|decoder)\.conv_(in|out)\.(weight|bias)", name
     ):
-        return VAE_PREFIX + name
+        return prefix + name
     raise ValueError(f"no single-file name for VAE tensor {name!r}")
 
 
-def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def vae_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = VAE_PREFIX
+) -> dict[str, torch.Tensor]:
     """An ``AutoencoderKL`` state dict as single-file tensors (mid-block attention as 1x1 convs)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
-        key = vae_diffusers_to_ldm_name(name, config)
+        key = vae_diffusers_to_ldm_name(name, config, prefix)
         if key.endswith(_VAE_CONV_ATTN) and t.ndim == 2:
             t = t.reshape(*t.shape, 1, 1)
         out[key] = t

@@ -1,21 +1,26 @@
-"""Synthetic single-file checkpoints with the real key layouts of SD1.x, SD2.x and SDXL.
+"""Synthetic single-file checkpoints with the real key layouts of every family blockmerge knows.
 
 Why: tests and benchmarks need checkpoints that look exactly like the real files (every key,
 shape and dtype, text encoders and VAE included) without downloading gigabytes. The layout is
 not written down by hand: the real diffusers / transformers modules are built on the meta device
-(no memory) from literal configs and renamed with :mod:`.ldm_names`, so a layout is as real as
-the converters that ``tests/test_layouts.py`` checks against diffusers.
+(no memory) from literal configs and renamed with :mod:`.ldm_names` (U-Nets, KL VAEs, CLIP) and
+:mod:`.transformer_names` (Flux / SD3 transformers), so a layout is as real as the converters
+that ``tests/test_layouts.py`` and ``tests/test_transformer_layouts.py`` check against diffusers.
+Each family's description says how its layout is built (:attr:`Architecture.synthetic`), so a
+new family (even one defined in a test) gets synthetic files with no change here.
 
 Two sizes:
 
-- ``"full"``: the published configs of SD1.5, SD2.1 (768-v) and SDXL base 1.0 (parameter counts
-  of the real models; SD1.5 fp16 ~2.1 GB, SDXL fp16 ~6.9 GB);
+- ``"full"``: the published configs of SD1.5, SD2.1 (768-v), SDXL base 1.0, Flux.1 dev / schnell,
+  SD3 Medium, SD3.5 Medium and SD3.5 Large (parameter counts of the real models; SD1.5 fp16
+  ~2.1 GB, SDXL fp16 ~6.9 GB, the Flux transformer alone ~11.9 GB in fp8);
 - ``"tiny"``: the same block structure and key names (12/1/12 U-Net blocks for SD1/SD2, 9/1/9
-  for SDXL, the same VAE and text-encoder names) with 8-32 channels and 2 text layers, a few MB.
-  The vocabulary stays 49408 so the shipped CLIP tokenizer drives tiny models end to end.
+  for SDXL, 19 + 38 Flux blocks, 24 / 38 joint blocks, the same VAE and text-encoder names) with
+  8-32 channels and 2 text layers, a few MB. The CLIP vocabulary stays 49408 so the shipped
+  tokenizer drives tiny models end to end.
 
 Values are seeded normal noise (std 0.02; norm weights around 1; ``logit_scale`` ln 100;
-``position_ids`` = arange). Each tensor's values depend only on ``(seed, key)``, so a file can be
+``position_ids`` = arange; Flux's RMSNorm ``.scale`` like norm weights). Each tensor's values depend only on ``(seed, key)``, so a file can be
 generated tensor by tensor in any order and :func:`make_state_dict` equals what
 :func:`write_synthetic` writes.
 """
@@ -34,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import BlockmergeError
+from .base import UNET_PREFIX
 from .ldm_names import (
     SD1_TE_PREFIX,
     SD2_TE_PREFIX,
@@ -46,19 +52,24 @@ from .ldm_names import (
 )
 
 __all__ = [
+    "PARTS",
+    "SIZES",
     "ArchConfigs",
     "LayoutEntry",
-    "SIZES",
     "TextEncoderConfig",
+    "TransformerConfigs",
     "arch_configs",
     "layout",
     "make_state_dict",
     "make_tensor",
     "param_count",
+    "transformer_configs",
     "write_synthetic",
 ]
 
 SIZES = ("tiny", "full")
+#: ``all``: every component the real files carry; ``model``: the diffusion model only.
+PARTS = ("all", "model")
 LayoutEntry = tuple[str, tuple[int, ...], torch.dtype]
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +222,23 @@ class ArchConfigs:
     text_encoders: tuple[TextEncoderConfig, ...]
 
 
+def _family(arch: Any):
+    """The registered family named ``arch`` (or the family itself) that can build a layout."""
+    from . import Architecture, by_name, families
+
+    if isinstance(arch, Architecture):
+        fam = arch
+    else:
+        try:
+            fam = by_name(str(arch))
+        except KeyError:
+            fam = None
+    if fam is None or fam.synthetic is None:
+        names = ", ".join(a.name for a in families() if a.synthetic is not None)
+        raise BlockmergeError(f"synthetic checkpoint: unknown architecture {arch!r} (expected one of {names})")
+    return fam
+
+
 def _arch_key(arch: str) -> str:
     key = str(getattr(arch, "name", arch)).upper()
     if key not in ("SD1", "SD2", "SDXL"):
@@ -246,6 +274,154 @@ def arch_configs(arch: str, size: str = "tiny") -> ArchConfigs:
 
 
 # ----------------------------------------------------------------------------------------------
+# Transformer families (Flux.1, SD3 / SD3.5): configs
+# ----------------------------------------------------------------------------------------------
+
+# black-forest-labs/FLUX.1-dev transformer/config.json (schnell: guidance_embeds false)
+_FLUX_FULL: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+}
+# The same 19 + 38 blocks, 16-wide (2 heads of 8); text widths those of the tiny encoders below.
+_FLUX_TINY: dict[str, Any] = {
+    **_FLUX_FULL, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+    "pooled_projection_dim": 32, "axes_dims_rope": (2, 2, 4),
+}
+# stabilityai/stable-diffusion-3-medium-diffusers, -3.5-medium, -3.5-large transformer/config.json
+_SD3_FULL: dict[str, Any] = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
+_SD35M_FULL: dict[str, Any] = {
+    **_SD3_FULL, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+_SD35L_FULL: dict[str, Any] = {
+    **_SD3_FULL, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432, "qk_norm": "rms_norm",
+}
+_SD3_TINY_WIDTHS: dict[str, Any] = {
+    "sample_size": 32, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+    "caption_projection_dim": 16, "pooled_projection_dim": 16 + 32, "pos_embed_max_size": 16,
+}
+# The 16-channel KL VAE of Flux and SD3 (no quant convs); scaling / shift do not change the layout.
+_VAE16_FULL: dict[str, Any] = {
+    **_VAE_FULL, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+    "scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024,
+}
+_VAE16_TINY: dict[str, Any] = {**_VAE16_FULL, "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4, "sample_size": 64}
+# google/t5-v1_1-xxl encoder (the T5 of Flux and SD3)
+_T5_XXL: dict[str, Any] = {
+    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False, "use_cache": False,
+}
+_T5_TINY: dict[str, Any] = {**_T5_XXL, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
+_CLIP_L_PROJ_TINY = {**_CLIP_TINY, "hidden_size": 16, "intermediate_size": 32, "projection_dim": 16}
+_CLIP_G_HF_TINY = {**_CLIP_TINY, "hidden_act": "gelu", "projection_dim": 32}
+
+
+@dataclass(frozen=True)
+class TransformerTextEncoder:
+    """A text encoder of a Flux / SD3 file: transformers names under ``prefix + "transformer."``.
+
+    ``kind``: ``clip`` (``CLIPTextModel``), ``clip_proj`` (``CLIPTextModelWithProjection``, with
+    ``text_projection.weight``) or ``t5`` (``T5EncoderModel``; its tied ``encoder.embed_tokens``
+    is not stored, only ``shared.weight``, as in the real files). ``logit_scale``: ComfyUI-saved
+    SD3 files keep a ``logit_scale`` scalar per encoder.
+    """
+
+    kind: Literal["clip", "clip_proj", "t5"]
+    prefix: str
+    config: dict[str, Any]
+    logit_scale: bool = False
+
+
+@dataclass(frozen=True)
+class TransformerConfigs:
+    """The diffusers / transformers configs a synthetic Flux / SD3 checkpoint is built from."""
+
+    arch: str
+    size: str
+    variant: str
+    kind: Literal["flux", "sd3"]
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    vae_prefix: str
+    text_encoders: tuple[TransformerTextEncoder, ...]
+    extra: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+def transformer_configs(arch: str, size: str = "tiny", variant: str | None = None) -> TransformerConfigs:
+    """The configs (deep copies) behind the Flux / SD3 layouts; build matching diffusers models."""
+    from .flux import CLIP_PREFIX, FLUX_VAE_PREFIX, T5_PREFIX
+    from .ldm_names import VAE_PREFIX
+    from .sd3 import SD3_TE_PREFIXES
+
+    name, s = str(arch).upper(), _size_key(size)
+    full = s == "full"
+    t5 = _T5_XXL if full else _T5_TINY
+    if name == "FLUX":
+        v = variant or "dev"
+        tr = {**(_FLUX_FULL if full else _FLUX_TINY), "guidance_embeds": v == "dev"}
+        tes = (TransformerTextEncoder("clip", CLIP_PREFIX, _CLIP_L if full else _CLIP_TINY),
+               TransformerTextEncoder("t5", T5_PREFIX, t5))
+        cfg = TransformerConfigs(name, s, v, "flux", tr, _VAE16_FULL if full else _VAE16_TINY, FLUX_VAE_PREFIX, tes)
+        return copy.deepcopy(cfg)
+    if name not in ("SD3", "SD35L"):
+        raise BlockmergeError(f"synthetic checkpoint: {arch!r} is not a transformer family")
+    v = variant or ("sd3-medium" if name == "SD3" else "large")
+    base = {"sd3-medium": _SD3_FULL, "sd3.5-medium": _SD35M_FULL, "large": _SD35L_FULL}[v]
+    if not full:
+        base = {**base, **_SD3_TINY_WIDTHS}
+        if v == "sd3.5-medium":
+            base["pos_embed_max_size"] = 24
+    clip_l = {**_CLIP_L, "projection_dim": 768} if full else _CLIP_L_PROJ_TINY
+    clip_g = {**_OPEN_CLIP_BIGG} if full else _CLIP_G_HF_TINY
+    tes = (TransformerTextEncoder("clip_proj", SD3_TE_PREFIXES[0], clip_l, True),
+           TransformerTextEncoder("clip_proj", SD3_TE_PREFIXES[1], clip_g, True),
+           TransformerTextEncoder("t5", SD3_TE_PREFIXES[2], t5, True))
+    # ComfyUI-saved SD3 Medium files carry the noise schedule buffer (sd-mecha's sd3-comfyui config).
+    extra = (("model.model_sampling.sigmas", (1000,)),) if v == "sd3-medium" else ()
+    cfg = TransformerConfigs(name, s, v, "sd3", dict(base), _VAE16_FULL if full else _VAE16_TINY, VAE_PREFIX, tes, extra)
+    return copy.deepcopy(cfg)
+
+
+def transformer_family_state_dict(arch: str, size: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """The meta-device single-file state dict of a Flux / SD3 checkpoint (the families' builder)."""
+    from diffusers import AutoencoderKL
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from .transformer_names import meta_transformer, transformer_to_single_file
+
+    cfg = transformer_configs(arch, size, variant)
+    out: dict[str, torch.Tensor] = {}
+    out.update(transformer_to_single_file(cfg.kind, meta_transformer(cfg.kind, cfg.transformer).state_dict()))
+    with torch.device("meta"):
+        out.update(vae_to_ldm(AutoencoderKL(**cfg.vae).state_dict(), cfg.vae, cfg.vae_prefix))
+        for te in cfg.text_encoders:
+            p = te.prefix + "transformer."
+            if te.kind == "t5":
+                sd = T5EncoderModel(T5Config(**te.config)).state_dict()
+                sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+                out.update({p + k: v for k, v in sd.items()})
+            else:
+                model = (CLIPTextModel if te.kind == "clip" else CLIPTextModelWithProjection)(CLIPTextConfig(**te.config))
+                out.update(clip_to_ldm(model.state_dict(), p, position_ids=False))
+            if te.logit_scale:
+                out[te.prefix + "logit_scale"] = torch.empty(())
+        for key, shape in cfg.extra:
+            out[key] = torch.empty(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Layouts
 # ----------------------------------------------------------------------------------------------
 
@@ -272,26 +448,52 @@ def _meta_state_dicts(cfg: ArchConfigs) -> dict[str, torch.Tensor]:
     return out
 
 
-@lru_cache(maxsize=8)
-def _layout(arch: str, size: str) -> tuple[LayoutEntry, ...]:
-    sd = _meta_state_dicts(arch_configs(arch, size))
+def unet_family_state_dict(arch: str, size: str) -> dict[str, torch.Tensor]:
+    """The meta-device single-file state dict of an SD1 / SD2 / SDXL checkpoint (the families' builder)."""
+    return _meta_state_dicts(arch_configs(arch, size))
+
+
+@lru_cache(maxsize=16)
+def _layout(fam: Any, size: str, variant: str | None) -> tuple[LayoutEntry, ...]:
+    sd = fam.synthetic(size, variant)
     return tuple((k, tuple(sd[k].shape), sd[k].dtype) for k in sorted(sd))
 
 
-def layout(arch_name: str, size: str = "tiny") -> list[LayoutEntry]:
+def layout(
+    arch_name: Any, size: str = "tiny", *, variant: str | None = None, parts: str = "all", bare: bool = False
+) -> list[LayoutEntry]:
     """Every ``(key, shape, dtype)`` of a single-file checkpoint of the family, sorted by key.
 
     ``dtype`` is the stored dtype of the real model in float32 form: floating tensors say
     ``torch.float32`` (they are written in the dtype asked for), ``position_ids`` ``torch.int64``.
-    Built on the meta device: the full SDXL layout costs no tensor memory.
+    Built on the meta device: the full Flux layout costs no tensor memory. ``variant`` picks one
+    of the family's variants (Flux ``dev`` / ``schnell``, ...; default the first); ``parts="model"``
+    keeps only the diffusion model (as BFL's Flux release and SD3.5's ship it); ``bare`` writes the
+    diffusion model without ``model.diffusion_model.`` (BFL's names; families that allow it).
     """
-    return list(_layout(_arch_key(arch_name), _size_key(size)))
+    fam = _family(arch_name)
+    s = _size_key(size)
+    if variant is not None and variant not in [v.name for v in fam.variants]:
+        names = ", ".join(v.name for v in fam.variants) or "none"
+        raise BlockmergeError(f"synthetic checkpoint: {fam.name} has no variant {variant!r} (variants: {names})")
+    if parts not in PARTS:
+        raise BlockmergeError(f"synthetic checkpoint: unknown parts {parts!r} (expected one of {', '.join(PARTS)})")
+    if bare and "" not in fam.diffusion_prefixes:
+        raise BlockmergeError(f"synthetic checkpoint: {fam.name} files always carry model.diffusion_model.")
+    entries = list(_layout(fam, s, variant))
+    if parts == "model":
+        entries = [e for e in entries if fam.component_of(e[0]) == fam.diffusion_name]
+    if bare:
+        entries = sorted(
+            ((k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k, shape, dt) for k, shape, dt in entries)
+        )
+    return entries
 
 
-def param_count(arch_name: str, size: str = "full", prefix: str = "") -> int:
+def param_count(arch_name: Any, size: str = "full", prefix: str = "", **kw: Any) -> int:
     """Number of floating-point values under ``prefix`` in the layout (integer buffers excluded)."""
     return sum(
-        math.prod(shape) for k, shape, dt in layout(arch_name, size) if k.startswith(prefix) and dt.is_floating_point
+        math.prod(shape) for k, shape, dt in layout(arch_name, size, **kw) if k.startswith(prefix) and dt.is_floating_point
     )
 
 
@@ -309,8 +511,9 @@ def _key_seed(seed: int, key: str) -> int:
 
 def _is_norm_weight(key: str, shape: tuple[int, ...]) -> bool:
     # In these models every 1-D ``.weight`` is a GroupNorm / LayerNorm scale (LDM names such as
-    # ``in_layers.0`` or ``out.0`` hide that); Linear / Conv / embedding weights are >= 2-D.
-    return len(shape) == 1 and key.endswith(".weight")
+    # ``in_layers.0`` or ``out.0`` hide that), and so is every ``.scale`` (Flux's RMSNorm);
+    # Linear / Conv / embedding weights are >= 2-D.
+    return len(shape) == 1 and key.endswith((".weight", ".scale"))
 
 
 def make_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -332,53 +535,75 @@ def make_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int 
     return t.to(dtype)
 
 
-def _iter_tensors(arch: str, size: str, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for key, shape, dt in layout(arch, size):
-        yield key, make_tensor(key, shape, dtype if dt.is_floating_point else dt, seed)
+def _iter_tensors(arch: Any, size: str, seed: int, dtype: torch.dtype, **kw: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    bare = kw.get("bare", False)
+    for key, shape, dt in layout(arch, size, **kw):
+        # A bare key's values are those of its prefixed name: the two forms hold the same model.
+        name = UNET_PREFIX + key if bare and _family(arch).canonical_key(key) != key else key
+        yield key, make_tensor(name, shape, dtype if dt.is_floating_point else dt, seed)
 
 
 def make_state_dict(
-    arch: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
+    arch: Any, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16, **kw: Any
 ) -> dict[str, torch.Tensor]:
-    """A whole synthetic checkpoint in memory (use :func:`write_synthetic` for full-size files)."""
+    """A whole synthetic checkpoint in memory (use :func:`write_synthetic` for full-size files).
+    Keywords as :func:`layout` (``variant``, ``parts``, ``bare``)."""
     if not dtype.is_floating_point:
         raise BlockmergeError(f"synthetic checkpoint: dtype must be floating point, got {dtype}")
-    return dict(_iter_tensors(arch, size, seed, dtype))
+    return dict(_iter_tensors(arch, size, seed, dtype, **kw))
 
 
 def write_synthetic(
     path: str | Path,
-    arch: str,
+    arch: Any,
     size: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     fmt: Literal["safetensors", "ckpt"] = "safetensors",
     metadata: Mapping[str, str] | None = None,
+    *,
+    variant: str | None = None,
+    parts: str = "all",
+    bare: bool = False,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a synthetic single-file checkpoint and return its path.
 
-    ``safetensors`` is streamed tensor by tensor (full SDXL never sits in memory); ``ckpt`` is
+    ``safetensors`` is streamed tensor by tensor (full Flux never sits in memory); ``ckpt`` is
     ``torch.save({"state_dict": sd})`` like real ``.ckpt`` files, so it holds the model in memory
-    once. ``metadata`` goes to the safetensors ``__metadata__`` header.
+    once. ``metadata`` goes to the safetensors ``__metadata__`` header; ``extra`` tensors (e.g.
+    SDXL's ``v_pred`` / ``ztsnr`` markers) are added as they are. ``variant``, ``parts`` and
+    ``bare`` as :func:`layout`.
     """
     if not dtype.is_floating_point:
         raise BlockmergeError(f"synthetic checkpoint: dtype must be floating point, got {dtype}")
     path = Path(path)
-    a, s = _arch_key(arch), _size_key(size)
+    fam, s = _family(arch), _size_key(size)
+    kw = {"variant": variant, "parts": parts, "bare": bare}
+    extra = dict(extra or {})
     from ..io import SafetensorsStreamWriter, atomic_write
 
     if fmt == "ckpt":
         with atomic_write(path) as f:
-            torch.save({"state_dict": make_state_dict(a, s, seed, dtype)}, f)
+            torch.save({"state_dict": {**make_state_dict(fam, s, seed, dtype, **kw), **extra}}, f)
         return path
     if fmt != "safetensors":
         raise BlockmergeError(f"synthetic checkpoint: unknown format {fmt!r} (expected safetensors or ckpt)")
-    entries = [(k, shape, dtype if dt.is_floating_point else dt) for k, shape, dt in layout(a, s)]
+    entries = [(k, shape, dtype if dt.is_floating_point else dt) for k, shape, dt in layout(fam, s, **kw)]
+    entries += [(k, tuple(t.shape), t.dtype) for k, t in extra.items()]
+    entries.sort(key=lambda e: e[0])
     meta = {"format": "pt", **(metadata or {})}
-    # The same streaming writer as merges: full SDXL never sits in memory.
+    # The same streaming writer as merges: full Flux never sits in memory.
+    tensors = _iter_tensors(fam, s, seed, dtype, **kw)
     with atomic_write(path) as f:
         writer = SafetensorsStreamWriter(f, [(k, dt, shape) for k, shape, dt in entries], meta)
-        for key, t in _iter_tensors(a, s, seed, dtype):
-            writer.write(key, t)
+        pending = next(tensors, None)
+        for key, _, _ in entries:
+            if key in extra:
+                writer.write(key, extra[key])
+                continue
+            assert pending is not None and pending[0] == key
+            writer.write(key, pending[1])
+            pending = next(tensors, None)
         writer.finish()
     return path

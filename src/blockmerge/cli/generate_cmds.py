@@ -87,6 +87,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_prediction_option(p: argparse.ArgumentParser) -> None:
+    """``--prediction v|eps`` (also spelt ``--prediction-type``, with ``v_prediction`` / ``epsilon``)."""
+    p.add_argument("--prediction", "--prediction-type", dest="prediction_type",
+                   choices=["v", "eps", "v_prediction", "epsilon"],
+                   help="override prediction-type detection (SD2 768-v; SDXL v_pred / ztsnr marker keys); "
+                        "v keeps the zero-terminal-SNR schedule of a file with the ztsnr marker")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images offline from a single-file checkpoint",
                        description="Generate images with A1111 semantics; explicit options override the infotext.")
@@ -116,8 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pad prompt/negative prompt to the same length (A1111's 'Pad conds')")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "eps", "v"],
-                   help="override v-prediction detection (SD2 768-v)")
+    add_prediction_option(p)
     p.add_argument("--overwrite", action="store_true", help="reuse file names in the output folder")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)

@@ -153,6 +153,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             continue
         print(f"{info['path']}")
         print(f"  architecture: {info['architecture']} ({info['title']})")
+        print(f"  prediction:   {info['prediction']}")
         print(f"  format:       {info['format']}, {info['size_bytes'] / 2**20:.1f} MiB, "
               f"{info['tensors']} tensors, {_fmt_count(info['parameters'])} parameters")
         dt = ", ".join(f"{k} {v / max(info['parameters'], 1):.0%}" for k, v in info["dtypes"].items())
@@ -198,26 +199,39 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from ..merge import load_presets
+    from ..merge.presets import preset_families
 
     book = load_presets(args.presets or [])
     for p in book.presets.values():
-        kind = "SD1/SD2" if len(p.values) in (25, 26) else "SDXL"
         vals = ",".join(f"{v:g}" for v in p.values)
-        print(f"{p.name:<28} {kind:<7} {vals}")
+        print(f"{p.name:<28} {preset_families(p):<7} {vals}")
     return 0
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from ..architectures.synthetic import write_synthetic
-    from ..io import check_output_path
-    from ..merge.executor import output_dtype
+    from ..io import check_output_path, output_dtype
 
     out = Path(args.output)
     check_output_path(out, [], args.overwrite)
-    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=output_dtype(args.dtype))
+    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=output_dtype(args.dtype),
+                    variant=args.variant, parts="model" if args.model_only else "all", bare=args.bare)
     if not args.quiet:
-        print(f"wrote {out} (synthetic {args.size} {args.arch}, seed {args.seed})")
+        what = " ".join(x for x in (args.size, args.arch, args.variant) if x)
+        print(f"wrote {out} (synthetic {what}, seed {args.seed})")
     return 0
+
+
+def _family_names() -> list[str]:
+    from ..architectures import families
+
+    return [a.name for a in families() if a.synthetic is not None]
+
+
+def _dtype_names() -> list[str]:
+    from ..io import OUTPUT_DTYPES
+
+    return list(OUTPUT_DTYPES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -234,7 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clip every result element to the range of the model operands there")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="write a result with inf/NaN values anyway (a warning counts them); default: an error")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="output dtype (default fp16)")
+    p.add_argument("--dtype", default="fp16", choices=_dtype_names(),
+                   help="output dtype (default fp16); float8 outputs clamp to their range and say how often")
     p.add_argument("--format", choices=["safetensors", "ckpt"], help="output format (default: from the suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--vae", metavar="FILE", help="bake this VAE into the output")
@@ -275,12 +290,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("synthetic", help="write a synthetic checkpoint with a real SD key layout (random weights)")
+    p = sub.add_parser("synthetic", help="write a synthetic checkpoint with a real key layout (random weights)")
     p.add_argument("output", help="output file (.safetensors or .ckpt)")
-    p.add_argument("--arch", default="SD1", choices=["SD1", "SD2", "SDXL"])
+    p.add_argument("--arch", default="SD1", type=str.upper, choices=_family_names())
+    p.add_argument("--variant", help="a variant of the family: FLUX dev/schnell, SD3 sd3-medium/sd3.5-medium")
     p.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    p.add_argument("--model-only", action="store_true", help="the diffusion model only (no text encoders, no VAE)")
+    p.add_argument("--bare", action="store_true",
+                   help="diffusion model keys without model.diffusion_model. (BFL's Flux release names)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", default="fp16", choices=_dtype_names())
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_synthetic)

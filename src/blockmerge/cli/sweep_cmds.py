@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import finite_float
+from .generate_cmds import add_prediction_option
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -73,7 +74,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     dtype = output_dtype(args.dtype) if args.dtype else None
     presets = load_presets(args.presets or [])
     path_a = resolve_model(args.model)
-    model = load_pipeline(path_a, device=args.device, dtype=dtype)
+    model = load_pipeline(path_a, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
     arch = model.architecture
     blocks = parse_blocks(args.blocks, arch)
     donor_name = None
@@ -83,7 +84,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         name = path_b.stem if spec != path_b.stem else spec
         while name == path_a.stem or name in donors:
             name += "-donor"
-        donors[name] = load_pipeline(path_b, device=args.device, dtype=dtype)
+        donors[name] = load_pipeline(path_b, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
         donor_name = donor_name or name  # the first donor is the one --swap / --reverse use
     variants = []
     if args.scale:
@@ -188,6 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="seeds per batch (default all seeds of a prompt)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
+    add_prediction_option(p)
     p.add_argument("--no-report", action="store_true", help="only make the images and sweep.json")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default torch's; 1 is often faster on a busy 2-core machine)")

@@ -1,22 +1,23 @@
-"""The U-Net drawn as a U: block positions, and a heat map of one number per block as SVG.
+"""A family's blocks drawn in its layout, and a heat map of one number per block as SVG.
 
-The layout is the article's: IN00 at the top of the left arm going down, the middle block at the
-bottom, OUT00 at the bottom of the right arm going up to the last OUT block, and a top row for
-whatever is not a block (the baseline image in the report; BASE / text encoder / VAE values in a
-heat map). Both the HTML report and any later per-block comparison use these positions, so
-the picture means the same everywhere.
+Positions come from the family description (:attr:`Architecture.layout`, built by
+:mod:`blockmerge.architectures.layout`): for U-Nets the article's U (IN00 at the top of the left
+arm going down, the middle block at the bottom, OUT00 at the bottom of the right arm going up to
+the last OUT block), for transformer stacks the blocks in execution order, column after column.
+Row 1 is for whatever is not a block (the baseline image in the report; BASE / text encoder / VAE
+values in a heat map). The HTML report and ``compare`` use the same positions, so the picture
+means the same everywhere.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
+from ..architectures import Layout
+from ..architectures.layout import u_layout
 from ..errors import BlockmergeError
-
-_ID = re.compile(r"^(IN|M|OUT)(\d+)$")
 
 # ColorBrewer OrRd (light -> dark): "more change" reads as darker and warmer.
 PALETTE: tuple[tuple[int, int, int], ...] = ((255, 247, 236), (253, 212, 158), (252, 141, 89), (215, 48, 31), (127, 0, 0))
@@ -24,29 +25,25 @@ NO_DATA = "#dddddd"
 
 
 def u_positions(block_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """(row, column), 1-based, for each block id in a 3-column grid; row 1 is left for the top cell.
+    """(row, column), 1-based, for each U-Net block id in a 3-column grid; row 1 is left for the top cell.
 
     IN<i> -> (2 + i, 1); M<k> -> (bottom + k, 2); OUT<j> -> (bottom - 1 - j, 3), where bottom is
     2 + the longer arm, so IN00 and the last OUT block share the top row of the arms.
     """
-    parsed: list[tuple[str, int, str]] = []
-    for b in block_ids:
-        m = _ID.match(b)
-        if not m:
-            raise BlockmergeError(f"block id {b!r} has no place in the U layout (expected IN<n>, M<n>, OUT<n>)")
-        parsed.append((m.group(1), int(m.group(2)), b))
-    n_in = sum(1 for k, _, _ in parsed if k == "IN")
-    n_out = sum(1 for k, _, _ in parsed if k == "OUT")
-    bottom = 2 + max(n_in, n_out)
-    pos: dict[str, tuple[int, int]] = {}
-    for kind, i, b in parsed:
-        if kind == "IN":
-            pos[b] = (2 + i, 1)
-        elif kind == "M":
-            pos[b] = (bottom + i, 2)
-        else:
-            pos[b] = (bottom - 1 - i, 3)
-    return pos
+    try:
+        return dict(u_layout(block_ids).positions)
+    except ValueError as e:
+        raise BlockmergeError(str(e)) from None
+
+
+def layout_positions(block_ids: Sequence[str], layout: Layout | None) -> tuple[dict[str, tuple[int, int]], int]:
+    """Positions and column count for ``block_ids``: the family's layout, or the U for U-Net ids."""
+    if layout is None:
+        return u_positions(block_ids), 3
+    missing = [b for b in block_ids if b not in layout.positions]
+    if missing:
+        raise BlockmergeError(f"block ids {missing} have no place in the {layout.kind} layout")
+    return {b: layout.positions[b] for b in block_ids}, layout.columns
 
 
 def colour_for(t: float) -> str:
@@ -108,23 +105,27 @@ def u_heatmap_svg(
     extra: Mapping[str, float] | None = None,
     higher_is_more: bool = True,
     unit: str = "",
+    layout: Layout | None = None,
 ) -> str:
-    """An SVG document: one coloured ``<rect data-block=...>`` per block in the U, with its value.
+    """An SVG document: one coloured ``<rect data-block=...>`` per block in its place, with its value.
 
     ``values`` maps block ids to numbers (missing -> grey "no data"); ``extra`` adds cells in
     the top row for BASE or components (``{"BASE": ..., "TE": ..., "VAE": ...}``), coloured on
     the same scale. ``higher_is_more`` says which end is dark (False for PSNR / SSIM, where a
-    lower value is the bigger change).
+    lower value is the bigger change). ``layout`` is the family's (default: the U of U-Net ids);
+    a stack layout says under the title how to read it.
     """
     extra = dict(extra or {})
-    pos = u_positions(block_ids)
+    pos, n_cols = layout_positions(block_ids, layout)
     allv = {b: float(values.get(b, math.nan)) for b in block_ids}
     allv.update({f"extra:{k}": float(v) for k, v in extra.items()})
     ts = normalise(allv, higher_is_more)
-    cw, ch, gap, mx, top = 118, 34, 6, 10, 40
+    cw, ch, gap, mx = 118, 34, 6, 10
+    stack = layout is not None and layout.kind != "u"
+    top = 58 if stack else 40
     skip = 0 if extra else 1  # without extras the top row is not drawn
     n_rows = max(r for r, _ in pos.values()) - skip
-    width = 2 * mx + 3 * cw + 2 * gap
+    width = 2 * mx + n_cols * cw + (n_cols - 1) * gap
     legend_y = top + n_rows * (ch + gap) + 8
     height = legend_y + 40
     out = [
@@ -133,6 +134,9 @@ def u_heatmap_svg(
         f"<title>{escape(title)}</title>",
         f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
     ]
+    if stack:
+        out.append(f'<text class="layout-note" x="{width / 2}" y="40" text-anchor="middle" fill="#555">'
+                   f"{escape(layout.note)}</text>")
 
     def cell(x: float, y: float, w: float, key: str, label: str, attr: str) -> None:
         v, t = allv[key], ts[key]

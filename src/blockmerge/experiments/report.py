@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..architectures import Layout, by_name
 from ..errors import BlockmergeError
-from .heatmap import colour_for, format_value, normalise, text_colour_for, u_heatmap_svg, u_positions
+from .heatmap import colour_for, format_value, layout_positions, normalise, text_colour_for, u_heatmap_svg
 from .metrics import METRICS, AggregateRow, Metric, MetricsTable, json_number, rank_blocks, sweep_metrics
 from .results import SweepResult
 
@@ -217,14 +218,27 @@ def _render_custom(data: dict[str, Any], seeds: Sequence[int]) -> str:
             f'<div class="custom-row">{"".join(cells)}</div></section>')
 
 
+def _family_layout(result: SweepResult) -> Layout | None:
+    """The layout of the sweep's family (None: draw U-Net ids as the U)."""
+    try:
+        return by_name(result.architecture).layout
+    except KeyError:
+        return None
+
+
 def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric], title: str) -> str:
     g0 = data["groups"][0] if data["groups"] else ""
     m0 = shown[0].key if shown else ""
-    pos = u_positions(result.block_ids)
+    layout = _family_layout(result)
+    pos, n_cols = layout_positions(result.block_ids, layout)
     n_rows = max(r for r, _ in pos.values())
+    stack = layout is not None and layout.kind != "u"
+    # The U's three columns come from report.css; a stack layout says how many it needs.
+    grid = f"grid-template-rows:repeat({n_rows},auto)" + (
+        f";grid-template-columns:repeat({n_cols},minmax(12em,1fr))" if stack else "")
     cells = [
         f'<div class="cell" data-block="baseline" data-variant="{_esc(data["baseline"]["variant"])}" '
-        f'style="grid-row:1;grid-column:2"><div class="head"><span class="block">baseline</span></div>'
+        f'style="grid-row:1;grid-column:{"1 / -1" if stack else "2"}"><div class="head"><span class="block">baseline</span></div>'
         f'<div class="imgs">{_render_imgs(data["baseline"]["imgs"][0], result.seeds, "baseline")}</div></div>'
     ]
     for b in result.block_ids:
@@ -274,7 +288,7 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
 <p id="metric-desc" class="desc">{_esc(desc)}</p>
 <p id="prompt-text" class="prompt-text">{_esc(result.prompts[0] if result.prompts else "")}</p>
 </header>
-<main class="u" style="grid-template-rows:repeat({n_rows},auto)">
+<main class="u" style="{grid}">
 {chr(10).join(cells)}
 </main>
 {_render_custom(data, result.seeds)}
@@ -459,7 +473,8 @@ def write_heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable,
                 if a is not None:
                     vals[v.block] = a.mean[m.key]
             title = f"{m.label} — {g} ({result.architecture})"
-            svg = u_heatmap_svg(result.block_ids, vals, title, higher_is_more=m.higher_is_more_change, unit=m.unit)
+            svg = u_heatmap_svg(result.block_ids, vals, title, higher_is_more=m.higher_is_more_change, unit=m.unit,
+                                layout=_family_layout(result))
             name = f"{_slug(g)}-{hashlib.sha1(g.encode()).hexdigest()[:6]}__{m.key}.svg"
             (hdir / name).write_text(svg, encoding="utf-8")
             out[g][m.key] = "heatmaps/" + quote(name)

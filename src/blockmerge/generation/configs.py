@@ -5,11 +5,12 @@ needs a local copy of a model repository) to know what it is loading. Everything
 tensors themselves, so we read it off the shapes: real SD1.5 / SD2.1 / SDXL files and the tiny
 bundled or synthetic ones go through this one code path, and nothing touches the network.
 
-What shapes cannot say is filled in from the family's conventions, written down once here:
-attention heads (SD1: 8 per layer; SD2 / SDXL and every CLIP text tower: 64-wide heads),
-GroupNorm groups (32, as in every SD model; narrower test models use the largest divisor of their
-widths up to 32), the text towers' activation (OpenAI CLIP: quick_gelu; OpenCLIP: gelu) and the
-VAE scaling factor (SDXL 0.13025, else 0.18215).
+What shapes cannot say comes from the family description (:attr:`Architecture.generation`: the
+text encoders, where they are stored and how they pad, the VAE scaling factor, the training
+resolution) and from conventions written down once here: attention heads (SD1: 8 per layer; SD2
+/ SDXL and every CLIP text tower: 64-wide heads), GroupNorm groups (32, as in every SD model;
+narrower test models use the largest divisor of their widths up to 32) and the text towers'
+activation (OpenAI CLIP: quick_gelu; OpenCLIP: gelu).
 """
 
 from __future__ import annotations
@@ -21,17 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..architectures import SD1, SD2, SDXL, UNET_PREFIX, Architecture
+from ..architectures.ldm_names import (
+    SD1_TE_PREFIX,
+    SD2_TE_PREFIX,
+    SDXL_TE1_PREFIX,
+    SDXL_TE2_PREFIX,
+    VAE_PREFIX,
+)
 from ..errors import CheckpointError
 
-VAE_PREFIX = "first_stage_model."
-SD1_TE_PREFIX = "cond_stage_model.transformer."
-SD2_TE_PREFIX = "cond_stage_model.model."
-SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
+__all__ = ["SD1_TE_PREFIX", "SD2_TE_PREFIX", "SDXL_TE1_PREFIX", "SDXL_TE2_PREFIX", "VAE_PREFIX"]
 
-#: Pixel resolution each family was trained at (``modelspec.resolution`` metadata overrides it).
-DEFAULT_RESOLUTION = {"SD1": 512, "SD2": 512, "SD2-v": 768, "SDXL": 1024}
-VAE_SCALING = {"SD1": 0.18215, "SD2": 0.18215, "SDXL": 0.13025}
+#: Pixel resolution each family was trained at (``modelspec.resolution`` metadata overrides it),
+#: as the family descriptions say.
+DEFAULT_RESOLUTION = {
+    **{a.name: a.generation.default_resolution for a in (SD1, SD2, SDXL) if a.generation},
+    "SD2-v": SD2.generation.v_resolution if SD2.generation else 768,
+}
+VAE_SCALING = {a.name: a.generation.vae_scaling for a in (SD1, SD2, SDXL) if a.generation}
 
 Shape = tuple[int, ...]
 ShapeOf = Callable[[str], Shape]
@@ -228,24 +236,19 @@ def _text_config(emb: Shape, pos: Shape, n_layers: int, inter: int, act: str) ->
 def infer_configs(arch: Architecture, keys: frozenset[str], shape: ShapeOf, source: str,
                   resolution: int) -> ModelConfigs:
     """All configs of a single-file checkpoint of family ``arch``; ``resolution`` in pixels."""
-    vae = vae_config(keys, shape, source, resolution, VAE_SCALING[arch.name])
+    gen = arch.generation
+    if gen is None:
+        raise CheckpointError(f"{source}: blockmerge does not generate with {arch.title} models "
+                              "(merge, blocks, info and compare work)")
+    vae = vae_config(keys, shape, source, resolution, gen.vae_scaling)
     latent_size = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     unet = unet_config(arch, keys, shape, source, latent_size)
-    if arch is SD1:
-        tes = (TextEncoderSpec("clip", SD1_TE_PREFIX, clip_config(keys, shape, SD1_TE_PREFIX, source),
-                               False, "<|endoftext|>", False),)
-    elif arch is SD2:
-        cfg = open_clip_config(keys, shape, SD2_TE_PREFIX, source)
-        cfg["num_hidden_layers"] -= 1
-        tes = (TextEncoderSpec("open_clip", SD2_TE_PREFIX, cfg, False, "!", True),)
-    elif arch is SDXL:
-        te1 = clip_config(keys, shape, SDXL_TE1_PREFIX, source)
-        te2 = open_clip_config(keys, shape, SDXL_TE2_PREFIX, source)
-        tes = (
-            TextEncoderSpec("clip", SDXL_TE1_PREFIX, te1, False, "<|endoftext|>", False),
-            TextEncoderSpec("open_clip", SDXL_TE2_PREFIX, te2, True, "!", False),
-        )
-        add_time_embed_dim(unet, te2["projection_dim"], source)
-    else:  # pragma: no cover - detect() only returns the three above
-        raise CheckpointError(f"{source}: no loader for architecture {arch.name}")
-    return ModelConfigs(arch, unet, vae, tes)
+    tes = []
+    for te in gen.text_encoders:
+        cfg = (clip_config if te.kind == "clip" else open_clip_config)(keys, shape, te.prefix, source)
+        if te.drop_last_layer:
+            cfg["num_hidden_layers"] -= 1
+        tes.append(TextEncoderSpec(te.kind, te.prefix, cfg, te.with_projection, te.pad_token, te.drop_last_layer))
+    if "projection_class_embeddings_input_dim" in unet:  # SDXL's label_emb: pooled text + size/crop
+        add_time_embed_dim(unet, tes[-1].config["projection_dim"], source)
+    return ModelConfigs(arch, unet, vae, tuple(tes))

@@ -327,6 +327,10 @@ def generate(
     from .run import sample_batch
 
     params = params.checked()
+    if getattr(loaded, "zero_snr", False) and not params.zero_terminal_snr:
+        # A file with the ztsnr marker was trained on the zero-terminal-SNR schedule (NoobAI-style
+        # v-prediction SDXL), as A1111 and Forge sample it; the PNG says so.
+        params = replace(params, zero_terminal_snr=True)
     seeds = [check_seed(int(s)) for s in (seeds if seeds is not None else params.seeds)]
     pipe = loaded.pipeline
     width = params.width or loaded.resolution

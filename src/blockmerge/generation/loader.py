@@ -18,15 +18,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..architectures import SD2, SDXL, UNET_PREFIX, Architecture, detect
+from ..architectures import EMA_PREFIX, SD2, UNET_PREFIX, V_PRED_MARKER, ZTSNR_MARKER, Architecture, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import file_hashes, open_checkpoint
-from .configs import DEFAULT_RESOLUTION, ModelConfigs, TextEncoderSpec, infer_configs
+from .configs import ModelConfigs, TextEncoderSpec, infer_configs
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-__all__ = ["PREDICTION_TYPES", "LoadedModel", "default_device_dtype", "detect_v_prediction", "load_pipeline"]
+__all__ = [
+    "PREDICTION_TYPES",
+    "LoadedModel",
+    "default_device_dtype",
+    "detect_v_prediction",
+    "load_pipeline",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Keys a pipeline needs; EMA copies and training leftovers are never read.
@@ -47,6 +53,7 @@ class LoadedModel:
     dtype: torch.dtype
     sha256: str | None = None  # full hex digest (A1111's short hash is the first 10 digits)
     configs: ModelConfigs | None = field(default=None, repr=False)
+    zero_snr: bool = False  # zero-terminal-SNR noise schedule (the file's ``ztsnr`` marker)
 
     @property
     def short_hash(self) -> str | None:
@@ -78,9 +85,12 @@ def _resolution(metadata: dict[str, str], arch: Architecture, prediction: str | 
     w, _, h = spec.lower().partition("x")
     if w.strip().isdigit() and h.strip().isdigit() and w.strip() == h.strip():
         return int(w)
-    if arch is SD2 and prediction == "v_prediction":
-        return DEFAULT_RESOLUTION["SD2-v"]
-    return DEFAULT_RESOLUTION[arch.name]
+    gen = arch.generation
+    if gen is None:
+        raise CheckpointError(f"blockmerge does not generate with {arch.title} models")
+    if gen.v_resolution and prediction == "v_prediction":
+        return gen.v_resolution
+    return gen.default_resolution
 
 
 @torch.no_grad()
@@ -137,12 +147,21 @@ def _load_exact(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: 
         )
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], frozenset[str]]:
+    """The tensors a pipeline needs, the metadata, and every key name (markers included).
+
+    The family is checked from the key names first, so a model blockmerge cannot generate with
+    (Flux, SD3) is refused before gigabytes of tensors are read."""
     with open_checkpoint(path) as reader:
-        keys = [k for k in reader.keys() if k.startswith(_NEEDED_PREFIXES)]
+        all_keys = frozenset(reader.keys())
+        arch = detect([k for k in all_keys if not k.startswith(EMA_PREFIX)], str(path))
+        if arch.generation is None:
+            raise CheckpointError(f"{path}: is {arch.title}; blockmerge generates with SD1.x, SD2.x and SDXL "
+                                  "models only (merge, blocks, info and compare work with this one)")
+        keys = [k for k in all_keys if k.startswith(_NEEDED_PREFIXES)]
         state = {k: reader.get(k) for k in keys}
         metadata = dict(getattr(reader, "metadata", None) or {})
-    return state, metadata
+    return state, metadata, all_keys
 
 
 def load_pipeline(
@@ -157,9 +176,12 @@ def load_pipeline(
     running code) as a diffusers pipeline, entirely offline.
 
     ``prediction_type`` (``epsilon`` / ``v_prediction``, or ``eps`` / ``v``) overrides detection:
-    otherwise ``modelspec.prediction_type`` metadata decides, then for SD2 A1111's test run of the
-    U-Net, else epsilon. ``device`` / ``dtype`` default to CUDA fp16 when available, else CPU
-    float32. ``hash_file`` computes the sha256 (cached by :mod:`blockmerge.io.hashes`).
+    otherwise the ``v_pred`` marker key (NoobAI-style SDXL, as A1111, Forge and ComfyUI read it),
+    then ``modelspec.prediction_type`` metadata, then for SD2 A1111's test run of the U-Net, else
+    epsilon. A v-prediction model whose file has the ``ztsnr`` marker samples on the
+    zero-terminal-SNR schedule (``LoadedModel.zero_snr``). ``device`` / ``dtype`` default to CUDA
+    fp16 when available, else CPU float32. ``hash_file`` computes the sha256 (cached by
+    :mod:`blockmerge.io.hashes`).
     """
     from diffusers import (
         AutoencoderKL,
@@ -175,12 +197,13 @@ def load_pipeline(
     p = Path(path)
     source = str(p)
     dev, dt = default_device_dtype(device, dtype)
-    forced = _normalise_prediction(prediction_type, "--prediction-type") if prediction_type else None
-    state, metadata = _read_state(p)
+    forced = _normalise_prediction(prediction_type, "--prediction") if prediction_type else None
+    state, metadata, all_keys = _read_state(p)
     arch = detect(state.keys(), source)
     meta_pred = metadata.get("modelspec.prediction_type")
-    prediction = forced or (_normalise_prediction(meta_pred, f"{source}: modelspec.prediction_type")
-                            if meta_pred else None)
+    marked = arch.is_copied(V_PRED_MARKER) and V_PRED_MARKER in all_keys
+    prediction = forced or ("v_prediction" if marked else None) or (
+        _normalise_prediction(meta_pred, f"{source}: modelspec.prediction_type") if meta_pred else None)
     keys = frozenset(state)
 
     def shape(key: str) -> tuple[int, ...]:
@@ -201,8 +224,10 @@ def load_pipeline(
     if prediction is None:
         prediction = "v_prediction" if arch is SD2 and detect_v_prediction(unet) else "epsilon"
         if arch is SD2 and prediction == "v_prediction" and "modelspec.resolution" not in metadata:
-            resolution = DEFAULT_RESOLUTION["SD2-v"]
+            resolution = _resolution({}, arch, prediction)
             unet.register_to_config(sample_size=resolution // 2 ** (len(configs.vae["block_out_channels"]) - 1))
+    # Zero terminal SNR only makes sense for v-prediction (an epsilon model cannot predict at SNR 0).
+    zero_snr = prediction == "v_prediction" and arch.is_copied(ZTSNR_MARKER) and ZTSNR_MARKER in all_keys
 
     max_len = int(configs.text_encoders[0].config["max_position_embeddings"])
     tokenizers = [load_clip_tokenizer(max_length=max_len, pad_token=s.pad_token) for s in configs.text_encoders]
@@ -212,12 +237,14 @@ def load_pipeline(
     from diffusers import EulerAncestralDiscreteScheduler
 
     scheduler = EulerAncestralDiscreteScheduler.from_config(
-        {**SD_SCHEDULER_CONFIG, "timestep_spacing": "linspace", "prediction_type": prediction})
+        {**SD_SCHEDULER_CONFIG, "timestep_spacing": "linspace", "prediction_type": prediction,
+         "rescale_betas_zero_snr": zero_snr})
 
     for m in (unet, vae, *text_encoders):
         m.eval()
         m.requires_grad_(False)
-    if arch is SDXL:
+    loaded = LoadedModel(None, arch, prediction, p, resolution, dev, dt, None, configs, zero_snr)  # type: ignore[arg-type]
+    if arch.generation is not None and arch.generation.pipeline == StableDiffusionXLPipeline.__name__:
         pipe: DiffusionPipeline = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
             tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
@@ -233,5 +260,6 @@ def load_pipeline(
         pipe.to(dtype=dt)
     pipe.to(device=dev)
     pipe.set_progress_bar_config(disable=True)
-    digest = file_hashes(p).sha256 if hash_file else None
-    return LoadedModel(pipe, arch, prediction, p, resolution, dev, dt, digest, configs)
+    loaded.pipeline = pipe
+    loaded.sha256 = file_hashes(p).sha256 if hash_file else None
+    return loaded

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from .atomic import atomic_write, check_output_path
 from .checkpoint import CheckpointReader, open_checkpoint
+from .dtypes import OUTPUT_DTYPES, cast_into, cast_to, dtype_name, output_dtype, saturates
 from .hashes import FileHashes, file_hashes, legacy_hash, sha256_file
 from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, SafetensorsStreamWriter, TensorInfo
 
 __all__ = [
     "DTYPES",
     "DTYPE_NAMES",
+    "OUTPUT_DTYPES",
     "CheckpointReader",
     "FileHashes",
     "SafetensorsReader",
     "SafetensorsStreamWriter",
     "TensorInfo",
     "atomic_write",
+    "cast_into",
+    "cast_to",
     "check_output_path",
+    "dtype_name",
     "file_hashes",
     "legacy_hash",
     "open_checkpoint",
+    "output_dtype",
+    "saturates",
     "sha256_file",
 ]

@@ -24,24 +24,28 @@ import torch
 from tqdm import tqdm
 
 from ..errors import BlockmergeError
-from ..io import SafetensorsStreamWriter, atomic_write, check_output_path, file_hashes
+from ..io import (
+    OUTPUT_DTYPES,
+    SafetensorsStreamWriter,
+    atomic_write,
+    cast_into,
+    cast_to,
+    check_output_path,
+    dtype_name,
+    file_hashes,
+    saturates,
+)
+from ..io import output_dtype as output_dtype
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
-from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight
+from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight, vae_prefix
 from .params import merged_params, resolve_params
 from .presets import PresetBook, load_presets
 from .weights import BlockWeights
 
-OUT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+OUT_DTYPES = OUTPUT_DTYPES  # the table lives in blockmerge.io.dtypes
 LOOKAHEAD = 4
 SLICE = 1 << 22  # elements per slice: 8 MiB of fp16, 16 MiB of float32 scratch per operand
-
-
-def output_dtype(name: str) -> torch.dtype:
-    try:
-        return OUT_DTYPES[name]
-    except KeyError:
-        raise BlockmergeError(f"--dtype {name}: choose from {', '.join(OUT_DTYPES)}") from None
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -52,8 +56,11 @@ def output_format(path: Path, fmt: str | None) -> str:
     return "ckpt" if path.suffix.lower() in (".ckpt", ".pt", ".pth") else "safetensors"
 
 
-def _cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if is_weight(key, t.dtype) and t.dtype != dtype else t
+def _cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The stored form of a whole tensor and how many of its values were clamped (float8 outputs)."""
+    if not is_weight(key, t.dtype) or t.dtype == dtype:
+        return t, 0
+    return cast_to(t, dtype) if saturates(dtype) else (t.to(dtype), 0)
 
 
 @dataclass(frozen=True)
@@ -111,37 +118,44 @@ class _Worker:
             self.pool.put(torch.empty(SLICE, dtype=out_dt))
         self.allow_non_finite = allow_non_finite
         self.non_finite: dict[str, int] = {}
+        self.clamped = 0  # values beyond a float8 output's range, clamped to it
         self._lock = threading.Lock()
+
+    def _count(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.clamped += n
 
     def _check(self, key: str, t: torch.Tensor) -> None:
         if not t.dtype.is_floating_point or all_finite(t):
             return
-        n = int((~torch.isfinite(t)).sum())
+        n = int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum())
         if self.allow_non_finite:
             with self._lock:
                 self.non_finite[key] = self.non_finite.get(key, 0) + n
             return
         explain = getattr(self.source, "explain", None)
         where = f" ({explain(key)})" if explain is not None else ""
-        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(self.out_dt, str(self.out_dt))
         raise NonFiniteError(
-            f"{key}{where}: the result has {n} non-finite values (inf/NaN) in {dt}; a weight may be too large "
-            "for the output dtype, or an input already holds inf/NaN (--allow-non-finite writes it anyway, with a warning)"
+            f"{key}{where}: the result has {n} non-finite values (inf/NaN) in {dtype_name(self.out_dt)}; a weight may "
+            "be too large for the output dtype, or an input already holds inf/NaN (--allow-non-finite writes it "
+            "anyway, with a warning)"
         )
 
     def run(self, t: _Task) -> tuple[torch.Tensor, torch.Tensor | None]:
         if t.whole:
-            tensor = _cast(t.key, self.source.get(t.key), self.out_dt)
-            if is_weight(t.key, tensor.dtype):
-                self._check(t.key, tensor)
-            return tensor, None
+            out, n = _cast(t.key, self.source.get(t.key), self.out_dt)
+            self._count(n)
+            if is_weight(t.key, out.dtype):
+                self._check(t.key, out)
+            return out, None
         scratch = getattr(self.local, "scratch", None)
         if scratch is None:
             scratch = self.local.scratch = Scratch(SLICE)
         result = self.source.get_range(t.key, t.lo, t.hi, scratch)  # type: ignore[attr-defined]
         buf = self.pool.get()
         view = buf[: t.hi - t.lo]
-        view.copy_(result)
+        self._count(cast_into(view, result))
         self._check(t.key, view)
         return view, buf
 
@@ -202,6 +216,7 @@ def write_source(
     threads: int | None = None,
     allow_non_finite: bool = False,
     report: Any = None,
+    stats: dict[str, int] | None = None,
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
@@ -209,7 +224,8 @@ def write_source(
     elements through reused buffers, so memory stays flat whatever the tensor sizes. Slices are
     written in a fixed order, so the bytes never depend on ``threads``.
     ``finalize_metadata``, if given, is called after the tensors are written and must return metadata
-    no longer than ``metadata`` (fixed-width hashes computed meanwhile).
+    no longer than ``metadata`` (fixed-width hashes computed meanwhile). ``stats``, if given, gets
+    ``clamped``: how many values a float8 output clamped to its range.
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
@@ -230,6 +246,8 @@ def write_source(
     ckpt = output_format(out, fmt) == "ckpt"
     tasks = _plan_tasks(source, entries, out_dt) if not ckpt else [_Task(k, 0, 0, True, True) for k, _, _ in entries]
     worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1, allow_non_finite)
+    if stats is not None:
+        stats["clamped"] = 0
     try:
         with _torch_threads(1):
             if ckpt:
@@ -256,6 +274,8 @@ def write_source(
         worker.warn(report)
         return total
     finally:
+        if stats is not None:
+            stats["clamped"] = worker.clamped
         bar.close()
 
 
@@ -331,6 +351,7 @@ def write_hashed(
     threads: int | None = None,
     allow_non_finite: bool = False,
     report: Any = None,
+    stats: dict[str, int] | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
     and the final metadata.
@@ -349,7 +370,7 @@ def write_hashed(
 
     written = write_source(
         source, output, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
-        progress=progress, threads=threads, allow_non_finite=allow_non_finite, report=report,
+        progress=progress, threads=threads, allow_non_finite=allow_non_finite, report=report, stats=stats,
     )
     if not final:
         final.update(make_metadata(hasher.join()))
@@ -420,7 +441,7 @@ def merge(
 
             vae_src = open_checkpoint(vae_path)
             stack.callback(vae_src.close)
-            node = OverlayNode(node, vae_src)
+            node = OverlayNode(node, vae_src, prefix=vae_prefix(arch))
         check_position_ids(sources[0], report, fix_position_ids)
         if sources[0].dropped_ema:
             report.warnings.append(f"dropped {sources[0].dropped_ema} model_ema.* tensors (use --keep-ema to keep them)")
@@ -443,10 +464,17 @@ def merge(
                 vae=vrec, a1111_roles=roles[:3],
             )
 
+        stats: dict[str, int] = {}
         written, final = write_hashed(
             node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads,
-            allow_non_finite=allow_non_finite, report=report,
+            allow_non_finite=allow_non_finite, report=report, stats=stats,
         )
+        if stats.get("clamped"):
+            lim = torch.finfo(output_dtype(dtype)).max
+            report.warnings.append(
+                f"{stats['clamped']:,} values were beyond the {dtype_name(output_dtype(dtype))} range "
+                f"and were clamped to ±{lim:g}"
+            )
         return MergeResult(out, arch.name, m.name, pv, len(node.keys()), written, report, final)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..architectures import EMA_PREFIX, Architecture, detect
+from ..architectures import EMA_PREFIX, V_PRED_MARKER, Architecture, copied_as_is, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import CheckpointReader, open_checkpoint
 from .declare import DELTA, MODEL, Context, MergeMethod, compute_dtype, to_operand_spaces
@@ -26,6 +26,11 @@ from .params import check_rules, values_for
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
+
+
+def vae_prefix(arch: Architecture) -> str:
+    """Where a family keeps its VAE (``first_stage_model.``; Flux checkpoints ``vae.``)."""
+    return next((c.prefix for c in arch.components if c.name == "VAE"), VAE_PREFIX)
 
 
 class Scratch:
@@ -68,12 +73,18 @@ class Source(Protocol):
 
 
 def is_weight(key: str, dtype: torch.dtype) -> bool:
-    """Tensors that are merged: floating point, and not index buffers such as CLIP's position_ids."""
-    return dtype.is_floating_point and not key.endswith("position_ids")
+    """Tensors that are merged: floating point, not index buffers such as CLIP's position_ids, and
+    not the markers / buffers a family copies as they are (SDXL's ``v_pred`` / ``ztsnr``)."""
+    return dtype.is_floating_point and not key.endswith("position_ids") and not copied_as_is(key)
 
 
 class FileSource:
-    """A checkpoint file as a source (``model_ema.*`` hidden unless ``keep_ema``)."""
+    """A checkpoint file as a source (``model_ema.*`` hidden unless ``keep_ema``).
+
+    Keys are the family's canonical names (:meth:`Architecture.canonical_key`): a bare Flux file
+    (BFL's release) answers to ``model.diffusion_model.double_blocks...`` like a ComfyUI
+    checkpoint, so the two merge key by key.
+    """
 
     def __init__(self, path: str | Path, *, name: str | None = None, keep_ema: bool = False) -> None:
         self.path = Path(path)
@@ -81,11 +92,21 @@ class FileSource:
         self.name = name or self.path.name
         try:
             all_keys = self.reader.keys()
-            self.arch = detect(all_keys, str(self.path))
+            self.arch = detect([k for k in all_keys if not k.startswith(EMA_PREFIX)], str(self.path))
+            self._real: dict[str, str] = {}
+            canon = []
+            for k in all_keys:
+                c = self.arch.canonical_key(k)
+                if c != k:
+                    if c in self.reader:
+                        raise CheckpointError(f"{self.path}: holds both {k!r} and {c!r} (the same tensor twice)")
+                    self._real[c] = k
+                canon.append(c)
+            self.variant = self.arch.variant_of(canon)
         except Exception:
             self.reader.close()
             raise
-        self._keys = [k for k in all_keys if keep_ema or not k.startswith(EMA_PREFIX)]
+        self._keys = [k for k in canon if keep_ema or not k.startswith(EMA_PREFIX)]
         self.dropped_ema = len(all_keys) - len(self._keys)
         self.metadata = self.reader.metadata
         # A delta (task vector) written by blockmerge says so in its record; anything else is a model.
@@ -95,18 +116,19 @@ class FileSource:
         return list(self._keys)
 
     def info(self, key: str) -> Info:
-        i = self.reader.info(key)
+        i = self.reader.info(self._real.get(key, key))
         return Info(i.dtype, i.shape)
 
     def get(self, key: str) -> torch.Tensor:
-        return self.reader.get(key)
+        return self.reader.get(self._real.get(key, key))
 
     def sliceable(self, key: str) -> bool:
         return True
 
     def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
-        buf = scratch.get(("read", id(self)), hi - lo, self.reader.info(key).dtype)
-        return self.reader.read_range(key, lo, hi, buf)
+        real = self._real.get(key, key)
+        buf = scratch.get(("read", id(self)), hi - lo, self.reader.info(real).dtype)
+        return self.reader.read_range(real, lo, hi, buf)
 
     def close(self) -> None:
         self.reader.close()
@@ -223,6 +245,7 @@ class MergeNode:
         a_keys = set(self._keys)
         extra = sorted(set().union(*other_keys) - a_keys) if other_keys else []
         self.report.only_in_others = extra
+        self._check_markers(a_keys, other_keys)
         kept: list[str] = []
         for key in self._keys:
             ia = a.info(key)
@@ -247,7 +270,7 @@ class MergeNode:
                 self.report.partial_channels.append(key)
             else:
                 detail = ", ".join(f"{o.name} {list(s)}" for o, s in zip(others, shapes, strict=True))
-                raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}")
+                raise CheckpointError(f"{key}: shape mismatch: {a.name} {list(ia.shape)} vs {detail}{self._variants_note()}")
             if self.method.constraint is not None:
                 values = self.method.kernel_values(self.values(key), len(self.operands))
                 problem = self.method.constraint(values)
@@ -256,6 +279,35 @@ class MergeNode:
         self._keys = kept
         merged = [k for k in kept if self._plan[k] != "copy"]
         check_rules(self.params, merged, self.arch.block_of, self.name)
+
+    def _check_markers(self, a_keys: set[str], other_keys: list[set[str]]) -> None:
+        """Warn when the operands disagree on a family's copied markers (a v-prediction model merged
+        with an epsilon one), and when they are different variants of a family (Flux dev/schnell)."""
+        names = [o.name for o in self.operands]
+        for i, ks in enumerate(other_keys, 1):
+            diff = sorted(k for k in a_keys ^ ks if self.arch.is_copied(k))
+            if not diff:
+                continue
+            kind = ""
+            if V_PRED_MARKER in diff:
+                pa, po = ("a v-prediction", "an epsilon") if V_PRED_MARKER in a_keys else ("an epsilon", "a v-prediction")
+                kind = f": merging {pa} model ({names[0]}) with {po} one ({names[i]})"
+            self.report.warnings.append(
+                f"{', '.join(diff)} differ between {names[0]} and {names[i]}{kind}; "
+                f"the output keeps {names[0]}'s ({', '.join(sorted(k for k in a_keys if self.arch.is_copied(k))) or 'none'})"
+            )
+        variants = [getattr(o, "variant", None) for o in self.operands]
+        for i, v in enumerate(variants[1:], 1):
+            if v is not None and variants[0] is not None and v is not variants[0]:
+                self.report.warnings.append(
+                    f"{names[0]} is {variants[0].title} but {names[i]} is {v.title}; tensors only {names[0]} has are kept from it"
+                )
+
+    def _variants_note(self) -> str:
+        vs = [(o.name, getattr(o, "variant", None)) for o in self.operands]
+        if len({id(v) for _, v in vs if v is not None}) < 2:
+            return ""
+        return " (" + ", ".join(f"{n} is {v.title}" for n, v in vs if v is not None) + ": different variants)"
 
     @staticmethod
     def _partial_ok(key: str, a_shape: tuple[int, ...], shapes: list[tuple[int, ...]]) -> bool:

@@ -1,8 +1,10 @@
 """Block-weight presets: the Merge Block Weighted extension's set, plus user preset files.
 
 A preset file is the extension's own format: one preset per line, ``NAME<TAB>v1,v2,...`` (a header
-line ``preset_name<TAB>preset_weights`` and ``#`` comments are skipped). A preset with 25 values is
-for SD1/SD2, one with 19 is for SDXL; 26 (20) values carry BASE first.
+line ``preset_name<TAB>preset_weights`` and ``#`` comments are skipped). Which family a preset
+applies to follows from its length and the families' list forms: 25 values are for SD1/SD2, 19
+for SDXL; 26 (20) carry BASE first; Flux takes 59, 60 (BASE first) or 61 (CLIP, T5 first, as
+supermerger and LoRA Block Weight write Flux lists).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..architectures import families_for_list_length, list_lengths
 from ..errors import WeightSpecError
 from ..io.text import read_user_text
 
@@ -49,10 +52,8 @@ class PresetBook:
                 raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be numbers") from None
             if not all(math.isfinite(v) for v in values):
                 raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be finite")
-            if len(values) not in (19, 20, 25, 26):
-                raise WeightSpecError(
-                    f"{source}:{lineno}: preset {name} has {len(values)} values (need 25/26 for SD1/SD2, 19/20 for SDXL)"
-                )
+            if len(values) not in list_lengths():
+                raise WeightSpecError(f"{source}:{lineno}: preset {name} has {len(values)} values (need {_needs()})")
             self.presets[name.upper()] = Preset(name, values, source)
 
     def add_file(self, path: str | os.PathLike[str]) -> None:
@@ -61,6 +62,19 @@ class PresetBook:
 
     def names(self) -> list[str]:
         return [p.name for p in self.presets.values()]
+
+
+def _needs() -> str:
+    """``25/26 for SD1/SD2, 19/20 for SDXL, ...``: the list lengths of every registered family."""
+    by_fams: dict[str, list[int]] = {}
+    for n in list_lengths():
+        by_fams.setdefault("/".join(a.name for a in families_for_list_length(n)), []).append(n)
+    return ", ".join(f"{'/'.join(map(str, ns))} for {fams}" for fams, ns in by_fams.items())
+
+
+def preset_families(preset: Preset) -> str:
+    """The families a preset's length fits (``SD1/SD2``), for listings."""
+    return "/".join(a.name for a in families_for_list_length(len(preset.values))) or "none"
 
 
 def builtin_presets() -> PresetBook:

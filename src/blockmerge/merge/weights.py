@@ -3,14 +3,17 @@
 Accepted forms (``ARG`` is ``--alpha`` or ``--beta``):
 
 - one number: every block and BASE (unless ``--base-alpha`` sets BASE);
-- 25 numbers (19 for SDXL) in block order IN00..IN11, M00, OUT00..OUT11; BASE from ``--base-alpha``
-  or "keep A";
-- 26 (20) numbers with BASE first, as supermerger writes them (then ``--base-alpha`` is an error);
+- a plain list in one of the family's list forms (:attr:`Architecture.list_forms`): SD1/SD2 25
+  numbers (SDXL 19) in block order IN00..IN11, M00, OUT00..OUT11 with BASE from ``--base-alpha``
+  or "keep A", or 26 (20) with BASE first as supermerger writes them (then ``--base-alpha`` is an
+  error); Flux also 61 (CLIP, T5, IN, D00..D18, S00..S37, OUT), as supermerger and LoRA Block
+  Weight write them;
 - a preset name (Merge Block Weighted presets or a user preset file);
 - a readable form: an optional default (number or preset) followed by ``ID=VALUE`` entries, where
-  ID is a block (``IN04``), a range (``IN04-IN08``), a group (``IN``, ``OUT``, ``M``, ``ALL``) or
-  ``BASE``; e.g. ``IN04-IN08=0.5,M00=1`` or ``GRAD_V,OUT=0``. Blocks not named take the default,
-  or, without one, the value that keeps model A.
+  ID is a block (``IN04``), a range (``IN04-IN08``), a group of the family (``IN``, ``OUT``, ``M``;
+  Flux ``D``, ``S``; ``ALL``), ``BASE`` (everything outside the diffusion model) or a weighted
+  component (Flux ``CLIP``, ``T5``); e.g. ``IN04-IN08=0.5,M00=1`` or ``GRAD_V,OUT=0``. Blocks not
+  named take the default, or, without one, the value that keeps model A.
 
 Below block level, **elemental rules** (supermerger's elemental merge, sd-mecha's per-key
 weights) follow the block part after a ``;`` (or on their own lines):
@@ -28,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..architectures import BASE, Architecture
+from ..architectures import BASE, Architecture, families_for_list_length
 from ..errors import WeightSpecError
 from .presets import PresetBook, load_presets
 
@@ -87,7 +90,10 @@ class BlockWeights:
     def spec_text(self) -> str:
         """A spec that parses back to exactly these values (BASE-first list, then the rules)."""
         vals = list(self.values)
-        head = repr(vals[0]) if all(v == vals[0] for v in vals) else ",".join(repr(v) for v in vals)
+        if all(v == vals[0] for v in vals):
+            head = repr(vals[0])
+        else:  # every id named: reads back the same in every family, whatever its list forms
+            head = ",".join(f"{i}={v!r}" for i, v in zip(self.ids, vals, strict=True))
         return head + "".join(f"; {r.text}" for r in self.rules)
 
     def as_dict(self) -> dict[str, float]:
@@ -110,7 +116,7 @@ class BlockWeights:
 
 
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_ID = re.compile(r"^(IN|OUT|M|MID)(\d{1,2})$")
+_ID = re.compile(r"^([A-Z]+)(\d{1,2})$")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -131,54 +137,59 @@ def _number(text: str, arg: str) -> float:
 
 def _norm_id(token: str, arch: Architecture, arg: str) -> str:
     t = token.strip().upper()
-    if t == BASE:
-        return BASE
+    if t in arch.all_ids:
+        return t
     m = _ID.match(t)
     if m:
         kind, num = m.group(1), int(m.group(2))
-        bid = f"M{num:02d}" if kind in ("M", "MID") else f"{kind}{num:02d}"
+        bid = f"{arch.id_aliases.get(kind, kind)}{num:02d}"
         if bid in arch.all_ids:
             return bid
-    raise WeightSpecError(f"{arg}: unknown block {token.strip()!r} for {arch.name} (blocks: {arch.block_ids[0]}..{arch.block_ids[-1]}, BASE)")
+    raise WeightSpecError(
+        f"{arg}: unknown block {token.strip()!r} for {arch.name} "
+        f"(blocks: {arch.block_ids[0]}..{arch.block_ids[-1]}, {', '.join(arch.base_ids)})"
+    )
 
 
 def _targets(lhs: str, arch: Architecture, arg: str) -> list[str]:
     t = lhs.strip().upper()
-    groups = {
-        "IN": [b for b in arch.block_ids if b.startswith("IN")],
-        "OUT": [b for b in arch.block_ids if b.startswith("OUT")],
-        "M": ["M00"],
-        "MID": ["M00"],
-        "ALL": list(arch.block_ids),
-        "*": list(arch.block_ids),
-    }
+    groups = {**{k: list(v) for k, v in arch.groups.items()}, "ALL": list(arch.block_ids), "*": list(arch.block_ids)}
     if t in groups:
         return groups[t]
+    if t == BASE:  # BASE is everything outside the diffusion model, weighted components included
+        return list(arch.base_ids)
     if "-" in t:
         lo, hi = (_norm_id(x, arch, arg) for x in t.split("-", 1))
-        ids = list(arch.all_ids)
-        i, j = ids.index(lo), ids.index(hi)
-        if BASE in (lo, hi) or j < i:
-            raise WeightSpecError(f"{arg}: range {lhs.strip()!r} must go forward through the blocks (e.g. IN04-IN08)")
-        return ids[i : j + 1]
+        ids = list(arch.block_ids)
+        if lo not in ids or hi not in ids or ids.index(hi) < ids.index(lo):
+            eg = f"{ids[min(4, len(ids) - 2)]}-{ids[min(8, len(ids) - 1)]}"
+            raise WeightSpecError(f"{arg}: range {lhs.strip()!r} must go forward through the blocks (e.g. {eg})")
+        return ids[ids.index(lo) : ids.index(hi) + 1]
     return [_norm_id(t, arch, arg)]
+
+
+def _lengths(arch: Architecture) -> str:
+    forms = [f"{f.length} ({f.label})" for f in arch.list_forms]
+    return ", ".join(["1", *forms[:-1]]) + " or " + forms[-1]
 
 
 def _from_list(
     values: Sequence[float], arch: Architecture, arg: str, base: float | None, keep_a: float, what: str
 ) -> BlockWeights:
-    n = arch.n_blocks
-    if len(values) == n + 1:
-        if base is not None:
-            raise WeightSpecError(
-                f"{arg}: {what} has {n + 1} values with BASE first; do not also give the base value separately"
-            )
-        return BlockWeights(arch.name, arch.all_ids, tuple(values))
-    if len(values) == n:
-        b = keep_a if base is None else base
-        return BlockWeights(arch.name, arch.all_ids, (b, *values))
-    raise WeightSpecError(
-        f"{arg}: {what} has {len(values)} values; {arch.name} needs 1, {n} (blocks) or {n + 1} (BASE first)"
+    form = arch.list_form(len(values))
+    if form is None:
+        raise WeightSpecError(f"{arg}: {what} has {len(values)} values; {arch.name} needs {_lengths(arch)}")
+    if BASE in form.ids and base is not None:
+        raise WeightSpecError(
+            f"{arg}: {what} has {form.length} values with BASE first; do not also give the base value separately"
+        )
+    given = dict(zip(form.ids, values, strict=True))
+    fill = keep_a if base is None else base
+    # The BASE group: ids the form leaves out follow BASE when the form has it, else the fill value.
+    group = given.get(BASE, fill)
+    return BlockWeights(
+        arch.name, arch.all_ids,
+        tuple(float(given.get(i, group if i in arch.base_ids else fill)) for i in arch.all_ids),
     )
 
 
@@ -204,7 +215,8 @@ def parse_weights(
         return spec
     if isinstance(spec, int | float) and not isinstance(spec, bool):
         v = _number(str(spec), arg)
-        return BlockWeights(arch.name, arch.all_ids, (v if base is None else base,) + (v,) * arch.n_blocks)
+        b = v if base is None else base
+        return BlockWeights(arch.name, arch.all_ids, (b,) * len(arch.base_ids) + (v,) * arch.n_blocks)
     if not isinstance(spec, str):
         vals = [_number(str(x), arg) for x in spec]
         if len(vals) == 1:
@@ -218,7 +230,8 @@ def parse_weights(
     if head:
         weights = _parse_block_part(head, arch, arg, base, keep_a, book)
     else:  # rules only: the blocks keep model A (or the parameter's default)
-        weights = BlockWeights(arch.name, arch.all_ids, (keep_a if base is None else base,) + (keep_a,) * arch.n_blocks)
+        b = keep_a if base is None else base
+        weights = BlockWeights(arch.name, arch.all_ids, (b,) * len(arch.base_ids) + (keep_a,) * arch.n_blocks)
     if rule_texts:
         weights = weights.with_rules([parse_rule(r, arch, arg) for r in rule_texts])
     return weights
@@ -304,15 +317,15 @@ def _parse_block_part(
         rest = tokens[1:]
     values = default.as_dict() if default else {b: keep_a for b in arch.all_ids}
     if default is None and base is not None:
-        values[BASE] = base
+        values.update(dict.fromkeys(arch.base_ids, base))
     for tok in rest:
         if "=" not in tok:
             raise WeightSpecError(f"{arg}: {tok!r}: expected ID=VALUE (only the first item may be a default)")
         lhs, rhs = tok.split("=", 1)
         v = _number(rhs, arg)
+        if lhs.strip().upper() == BASE and base is not None:
+            raise WeightSpecError(f"{arg}: BASE is given both in the spec and separately")
         for b in _targets(lhs, arch, arg):
-            if b == BASE and base is not None:
-                raise WeightSpecError(f"{arg}: BASE is given both in the spec and separately")
             values[b] = v
     return BlockWeights.from_mapping(arch, values)
 
@@ -323,10 +336,11 @@ def _preset(
     p = book.get(name)
     if p is None:
         raise WeightSpecError(f"{arg}: unknown preset {name!r} (see `blockmerge presets`)")
-    n = arch.n_blocks
-    if len(p.values) not in (n, n + 1):
+    if arch.list_form(len(p.values)) is None:
+        fits = "/".join(a.name for a in families_for_list_length(len(p.values))) or "no known family"
+        need = " or ".join(str(f.length) for f in arch.list_forms)
         raise WeightSpecError(
             f"{arg}: preset {p.name} has {len(p.values)} values and is not for {arch.name} "
-            f"(needs {n} or {n + 1}); it is for {'SD1/SD2' if len(p.values) in (25, 26) else 'SDXL'}"
+            f"(needs {need}); it is for {fits}"
         )
     return _from_list(list(p.values), arch, arg, base, keep_a, f"preset {p.name}")
