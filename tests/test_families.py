@@ -431,6 +431,14 @@ def test_fp8_output_clamps_to_the_range_and_says_how_often(tmp_path: Path, capsy
     got = load_file(out)[key].float().view(-1)[:7]
     assert got.tolist() == [limit, -limit, limit, -limit, limit, limit, -limit]
     assert not torch.isinf(load_file(out)[key].float()).any()
+    # a recipe writes fp8 the same way, with the same warning
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[inputs]\nA = "big.safetensors"\n\n[[steps]]\nmethod = "scaled_sum"\nmodels = ["A"]\n'
+                      f'alpha = "D03=1"\n\n[[outputs]]\npath = "r.safetensors"\ndtype = "{name}"\n')
+    assert main(["run", str(recipe), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: 5 values were beyond the {name} range", err), err
+    assert torch.equal(load_file(tmp_path / "r.safetensors")[key], load_file(out)[key])
 
 
 def test_report_of_a_flux_sweep_reads_in_execution_order(tmp_path: Path) -> None:

@@ -160,8 +160,15 @@ class _Worker:
         return view, buf
 
     def warn(self, report: Any) -> None:
-        """Add the count of non-finite values written (``allow_non_finite``) to a merge report."""
-        if self.non_finite and report is not None:
+        """Add what the output's writing did beyond the arithmetic to a merge report: values clamped
+        to a float8 output's range, non-finite values written (``allow_non_finite``)."""
+        if report is None:
+            return
+        if self.clamped:
+            lim = torch.finfo(self.out_dt).max
+            report.warnings.append(f"{self.clamped:,} values were beyond the {dtype_name(self.out_dt)} range "
+                                   f"and were clamped to ±{lim:g}")
+        if self.non_finite:
             total = sum(self.non_finite.values())
             first = sorted(self.non_finite)[0]
             report.warnings.append(f"wrote {total} non-finite values (inf/NaN) in {len(self.non_finite)} tensors, "
@@ -464,17 +471,10 @@ def merge(
                 vae=vrec, a1111_roles=roles[:3],
             )
 
-        stats: dict[str, int] = {}
         written, final = write_hashed(
             node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads,
-            allow_non_finite=allow_non_finite, report=report, stats=stats,
+            allow_non_finite=allow_non_finite, report=report,
         )
-        if stats.get("clamped"):
-            lim = torch.finfo(output_dtype(dtype)).max
-            report.warnings.append(
-                f"{stats['clamped']:,} values were beyond the {dtype_name(output_dtype(dtype))} range "
-                f"and were clamped to ±{lim:g}"
-            )
         return MergeResult(out, arch.name, m.name, pv, len(node.keys()), written, report, final)
 
 

@@ -99,7 +99,7 @@ class StepSpec(_Strict):
 class OutputSpec(_Strict):
     path: str | None = None
     step: str | None = None
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    dtype: Literal["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"] = "fp16"
     format: Literal["safetensors", "ckpt"] | None = None
     vae: str | None = None
 
