@@ -17,6 +17,10 @@ from ..declare import Context, Model, Param, TaskVector, merge_method
 
 STRENGTH = "factor of the merged task vector added to the base (mergekit's λ)"
 WEIGHT = "weight of model i's task vector (w1, w2, ...)"
+# Parameters several methods declare alike (each declaration copies them under its own name).
+DROP = Param(0.9, "drop probability of each task-vector element", lo=0.0, hi=1.0, hi_open=True)
+SEED = Param(0, "random seed (with the tensor's name it fixes each tensor's drops)", kind="int", lo=0, hi=2**63 - 1)
+COUNT_SIGNS = Param(0, "1: elect each element's sign by count instead of by mass", kind="bool")
 
 
 def top_k(d: torch.Tensor, k: float) -> torch.Tensor:
@@ -70,7 +74,7 @@ def ties(base: Model, *models: TaskVector,
          alpha: float = Param(1.0, STRENGTH),
          k: float = Param(0.2, "density: the fraction of each task vector's largest elements kept", lo=0.0, hi=1.0),
          w: float = Param(1.0, WEIGHT, per_operand=True),
-         count_signs: int = Param(0, "1: elect each element's sign by count instead of by mass", kind="bool")) -> Model:
+         count_signs: int = COUNT_SIGNS) -> Model:
     """Trim each task vector to its top-k elements, elect a sign per element, average what agrees."""
     deltas = [top_k(d, k) for d in models]
     return base.add_(_elect_and_mix(deltas, w, count_signs), alpha=alpha)
@@ -80,10 +84,9 @@ def ties(base: Model, *models: TaskVector,
               identity={"alpha": 0.0}, source="DARE (Yu et al. 2023) as mergekit's dare_linear")
 def dare(base: Model, *models: TaskVector,
          alpha: float = Param(1.0, STRENGTH),
-         p: float = Param(0.9, "drop probability of each task-vector element", lo=0.0, hi=1.0, hi_open=True),
+         p: float = DROP,
          w: float = Param(1.0, WEIGHT, per_operand=True),
-         seed: int = Param(0, "random seed (with the tensor's name it fixes each tensor's drops)", kind="int",
-                           lo=0, hi=2**63 - 1),
+         seed: int = SEED,
          ctx: Context) -> Model:
     """Drop random elements of each task vector and rescale the rest, then add their weighted sum."""
     out = base
@@ -96,11 +99,10 @@ def dare(base: Model, *models: TaskVector,
               identity={"alpha": 0.0}, source="DARE + TIES as mergekit's dare_ties")
 def dare_ties(base: Model, *models: TaskVector,
               alpha: float = Param(1.0, STRENGTH),
-              p: float = Param(0.9, "drop probability of each task-vector element", lo=0.0, hi=1.0, hi_open=True),
+              p: float = DROP,
               w: float = Param(1.0, WEIGHT, per_operand=True),
-              count_signs: int = Param(0, "1: elect each element's sign by count instead of by mass", kind="bool"),
-              seed: int = Param(0, "random seed (with the tensor's name it fixes each tensor's drops)", kind="int",
-                                lo=0, hi=2**63 - 1),
+              count_signs: int = COUNT_SIGNS,
+              seed: int = SEED,
               ctx: Context) -> Model:
     """Drop and rescale each task vector as DARE does, then merge them as TIES does."""
     deltas = [_drop(d, p, ctx.generator(i)) for i, d in enumerate(models)]
