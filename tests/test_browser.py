@@ -16,6 +16,9 @@ import pytest
 
 from test_demo import run_quick_demo
 
+pytestmark = pytest.mark.slow  # real model runs / a browser: seconds each
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 

@@ -16,6 +16,8 @@ from blockmerge.experiments.demo import demo_config, run_demo
 from blockmerge.experiments.results import SweepResult
 from blockmerge.models import list_models
 
+pytestmark = pytest.mark.slow  # real model runs / a browser: seconds each
+
 
 def quick_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder per test session: the demo is resumable, so a second caller only re-renders."""

@@ -26,6 +26,9 @@ from blockmerge.generation.loader import load_pipeline
 from blockmerge.io import sha256_file
 from blockmerge.models import list_models, models_dir, resolve_model
 
+pytestmark = pytest.mark.slow  # real model runs / a browser: seconds each
+
+
 PALETTE = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),

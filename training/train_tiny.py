@@ -347,7 +347,7 @@ def export(out: Path, models_dir: Path = MODELS_DIR) -> None:
         # blockmerge's own writer, not safetensors' save_file: its header (metadata order included) is
         # the same on every run, so a re-export gives byte-identical files and the same sha256.
         keys = sorted(ldm)
-        with atomic_write(file) as f:
+        with atomic_write(file, overwrite=True) as f:
             writer = SafetensorsStreamWriter(f, [(k, ldm[k].dtype, tuple(ldm[k].shape)) for k in keys], meta)
             for k in keys:
                 writer.write(k, ldm[k])

@@ -17,3 +17,25 @@ class CheckpointError(BlockmergeError):
 
 class WeightSpecError(BlockmergeError):
     """A block-weight specification that cannot be parsed or does not fit the architecture."""
+
+
+class BlockmergeWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as
+    ``blockmerge: warning: ...``)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGHUP / SIGINT arrived: raised in the main thread so that every ``finally`` (above
+    all the write policy's removal of its temporary file) runs before the process exits.
+
+    A subclass of ``KeyboardInterrupt`` so that ``except Exception`` never swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        try:
+            self.signame = signal.Signals(signum).name
+        except ValueError:
+            self.signame = f"signal {signum}"
+        super().__init__(self.signame)

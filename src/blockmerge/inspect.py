@@ -76,7 +76,7 @@ def checkpoint_info(path: str | os.PathLike[str], *, hashes: bool = True) -> dic
         info["sha256"] = h.sha256
         info["model_hash"] = h.short
         info["legacy_hash"] = h.legacy
-    record = read_record(meta)
+    record = read_record(meta, str(p))
     if record is not None:
         info["merge_record"] = record
     elif "sd_merge_recipe" in meta:

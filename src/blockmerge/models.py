@@ -41,7 +41,7 @@ def models_dir() -> Path:
 def _registry() -> tuple[BundledModel, ...]:
     index = models_dir() / "models.json"
     try:
-        data: dict[str, Any] = json.loads(index.read_text())
+        data: dict[str, Any] = json.loads(index.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return ()
     return tuple(
@@ -76,5 +76,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     for m in _registry():
         if str(name_or_path) == m.name:
             return m.path
+    if os.path.lexists(p):  # a folder, FIFO, device or dangling link: say which
+        from .io import check_input_file
+
+        check_input_file(p, error=CheckpointError)
     names = ", ".join(m.name for m in _registry()) or "none"
     raise CheckpointError(f"{name_or_path}: no such file, and not a bundled model (bundled: {names})")

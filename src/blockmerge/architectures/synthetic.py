@@ -566,8 +566,10 @@ def write_synthetic(
     parts: str = "all",
     bare: bool = False,
     extra: Mapping[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a synthetic single-file checkpoint and return its path.
+    """Write a synthetic single-file checkpoint and return its path (an existing file only with
+    ``overwrite``).
 
     ``safetensors`` is streamed tensor by tensor (full Flux never sits in memory); ``ckpt`` is
     ``torch.save({"state_dict": sd})`` like real ``.ckpt`` files, so it holds the model in memory
@@ -584,7 +586,7 @@ def write_synthetic(
     from ..io import SafetensorsStreamWriter, atomic_write
 
     if fmt == "ckpt":
-        with atomic_write(path) as f:
+        with atomic_write(path, overwrite=overwrite) as f:
             torch.save({"state_dict": {**make_state_dict(fam, s, seed, dtype, **kw), **extra}}, f)
         return path
     if fmt != "safetensors":
@@ -595,7 +597,7 @@ def write_synthetic(
     meta = {"format": "pt", **(metadata or {})}
     # The same streaming writer as merges: full Flux never sits in memory.
     tensors = _iter_tensors(fam, s, seed, dtype, **kw)
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         writer = SafetensorsStreamWriter(f, [(k, dt, shape) for k, shape, dt in entries], meta)
         pending = next(tensors, None)
         for key, _, _ in entries:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
+
+from .common import BATCH, CLIP_SKIP, IMAGE_SIDE, STEPS, device, finite_float, printable
 
 
 def _params_from_args(args: argparse.Namespace):
@@ -24,7 +25,10 @@ def _params_from_args(args: argparse.Namespace):
         source = args.infotext_file
         text = read_user_text(args.infotext_file, f"--infotext-file {args.infotext_file}")
     elif args.from_png is not None:
+        from ..io import check_input_file
+
         source = args.from_png
+        check_input_file(args.from_png, f"--from-png {args.from_png}")
         text = read_png_infotext(args.from_png)
         if text is None:
             raise BlockmergeError(f"--from-png {args.from_png}: the PNG has no A1111 parameters")
@@ -40,38 +44,43 @@ def _params_from_args(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..errors import BlockmergeError
     from ..generation.generate import generate, save_png
     from ..generation.loader import load_pipeline
+    from ..io import check_output_dir
     from ..merge.executor import output_dtype
 
     params = _params_from_args(args)  # validate everything before the slow load
     from ..models import resolve_model
 
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
+    out = check_output_dir(args.output, make=False)
     model_path = resolve_model(args.model)
     dtype = output_dtype(args.dtype) if args.dtype else None
     for note in params.ignored:
         print(f"blockmerge: warning: {note}", file=sys.stderr)
     loaded = load_pipeline(model_path, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    check_output_dir(out)
     written: list[Path] = []
 
     def save(img) -> None:
         path = out / f"{len(written):05d}-{img.seed}.png"
         n = len(written)
-        while path.exists() and not args.overwrite:
+        while (path.exists() or path.is_symlink()) and not args.overwrite:
             n += 1
             path = out / f"{n:05d}-{img.seed}.png"
-        written.append(save_png(img, path))
+        written.append(save_png(img, path, overwrite=args.overwrite))
         if not args.quiet:
-            print(path)
+            print(printable(path))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if args.quiet else "default")
+    try:
         generate(loaded, params, batch_size=args.batch_size, on_image=save)
+    except BaseException:
+        if created and not written:  # a folder made for nothing is debris too
+            import contextlib
+
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return 0
 
 
@@ -80,7 +89,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for m in list_models():
         print(f"{m.name:<12} {m.path}")
-        print(f"  {m.description}")
+        print(f"  {m.style}{f' (fine-tuned from {m.parent})' if m.parent and m.parent not in m.style else ''}; "
+              f"{m.image_size}x{m.image_size} images")
+        print(f"  e.g. {m.example_prompt!r}")
         if m.vocabulary:
             for k, v in m.vocabulary.items():
                 print(f"  {k}: {', '.join(v) if isinstance(v, list) else v}")
@@ -106,23 +117,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--from-png", metavar="PNG", help="take the infotext from a PNG's parameters")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=STEPS)
     p.add_argument("--sampler", help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M' (old names like "
                    "'DPM++ 2M Karras' work)")
     p.add_argument("--schedule-type", help="A1111 Schedule type: Automatic, Karras, Exponential, SGM Uniform, ...")
-    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--cfg-scale", type=finite_float)
     p.add_argument("--seed", help="one seed, a list (1,2,3,4) or a range (1-4)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--batch-size", type=int, help="images per U-Net batch (default: all seeds at once)")
-    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--width", type=IMAGE_SIDE, help="a multiple of 8 up to 8192")
+    p.add_argument("--height", type=IMAGE_SIDE, help="a multiple of 8 up to 8192")
+    p.add_argument("--batch-size", type=BATCH, help="images per U-Net batch (default: all seeds at once)")
+    p.add_argument("--clip-skip", type=CLIP_SKIP)
     p.add_argument("--rng", choices=["GPU", "CPU", "NV"],
                    help="A1111's noise source (default GPU; drawn as NV, the same stream, without CUDA)")
     p.add_argument("--ensd", type=int, help="A1111's Eta noise seed delta (ENSD)")
     p.add_argument("--emphasis", choices=["Original", "No norm", "Ignore", "None"], help="A1111 emphasis mode")
     p.add_argument("--pad-conds", action="store_true",
                    help="pad prompt/negative prompt to the same length (A1111's 'Pad conds')")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
     add_prediction_option(p)
     p.add_argument("--overwrite", action="store_true", help="reuse file names in the output folder")

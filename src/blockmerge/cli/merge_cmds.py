@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import finite_float
+from .common import THREADS, finite_float, output_file, printable
 
 
 def _fmt_count(n: int) -> str:
@@ -44,7 +44,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"blockmerge: warning: {w}", file=sys.stderr)
     if not args.quiet:
         rep = result.report
-        print(f"wrote {result.output} ({result.architecture}, {result.method}, {args.dtype}, "
+        print(f"wrote {printable(result.output)} ({result.architecture}, {result.method}, {args.dtype}, "
               f"{result.n_tensors} tensors, {result.bytes_written / 2**20:.1f} MiB)")
         if rep.partial_channels:
             print(f"merged the shared input channels of {', '.join(rep.partial_channels)}; the rest kept from A")
@@ -100,7 +100,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         print(json.dumps({"architecture": arch, "blocks": [r.__dict__ for r in rows],
                           "base_components": [r.__dict__ for r in comps]}, indent=2))
         return 0
-    print(f"{args.model}: {arch}")
+    print(f"{printable(args.model)}: {arch}")
     print(f"{'block':<8} {'tensors':>8} {'parameters':>15}")
     for r in rows:
         print(f"{r.block:<8} {r.tensors:>8} {_fmt_count(r.parameters):>15}")
@@ -144,46 +144,52 @@ def cmd_info(args: argparse.Namespace) -> int:
         text = embedded_recipe(args.files[0])
         if text is None:
             raise BlockmergeError(f"{args.files[0]}: has no embedded recipe (it was not made by `blockmerge run`)")
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text))  # from the file: no terminal escapes; valid TOML has none
         return 0
     for path in args.files:
         info = checkpoint_info(path, hashes=not args.no_hash)
         if args.json:
             print(json.dumps(info, indent=2))
             continue
-        print(f"{info['path']}")
-        print(f"  architecture: {info['architecture']} ({info['title']})")
-        print(f"  prediction:   {info['prediction']}")
-        print(f"  format:       {info['format']}, {info['size_bytes'] / 2**20:.1f} MiB, "
-              f"{info['tensors']} tensors, {_fmt_count(info['parameters'])} parameters")
-        dt = ", ".join(f"{k} {v / max(info['parameters'], 1):.0%}" for k, v in info["dtypes"].items())
-        print(f"  dtypes:       {dt}")
-        if info["ema_tensors"]:
-            print(f"  EMA tensors:  {info['ema_tensors']}")
-        if "sha256" in info:
-            print(f"  sha256:       {info['sha256']}")
-            print(f"  model hash:   {info['model_hash']} (legacy {info['legacy_hash']})")
-        rec = info.get("merge_record")
-        if rec:
-            print(f"  merge:        {rec.get('method')} [{rec.get('formula')}] -> {rec.get('dtype')}, "
-                  f"by blockmerge {rec.get('version')}")
-            for i in rec.get("inputs", []):
-                print(f"    {i['role']}: {i['name']}  sha256 {i['sha256'][:10]}  legacy {i['legacy_hash']}")
-            params = rec.get("params") or {n: rec[n] for n in ("alpha", "beta") if rec.get(n)}
-            for wname, w in params.items():
-                if isinstance(w, dict):
-                    print(f"    {wname}: " + ",".join(f"{k}={v:g}" for k, v in w.items()))
-            for wname, rules in (rec.get("rules") or {}).items():
-                print(f"    {wname} rules: " + "; ".join(rules))
-            if rec.get("recipe"):
-                print("    recipe:")
-                for line in str(rec["recipe"]).splitlines():
-                    print(f"      {line}")
-        elif "sd_merge_recipe" in info:
-            print(f"  A1111 merge recipe: {info['sd_merge_recipe']}")
-        for k, v in info.get("metadata", {}).items():
-            print(f"  meta {k}: {v}")
+        _print_info(info)
     return 0
+
+
+def _print_info(info: dict) -> None:
+    """The text form of ``info``; every string from the file goes through :func:`printable` (a model's
+    metadata may hold terminal escape sequences)."""
+    print(f"{printable(info['path'])}")
+    print(f"  architecture: {info['architecture']} ({info['title']})")
+    print(f"  prediction:   {info['prediction']}")
+    print(f"  format:       {info['format']}, {info['size_bytes'] / 2**20:.1f} MiB, "
+          f"{info['tensors']} tensors, {_fmt_count(info['parameters'])} parameters")
+    dt = ", ".join(f"{k} {v / max(info['parameters'], 1):.0%}" for k, v in info["dtypes"].items())
+    print(f"  dtypes:       {dt}")
+    if info["ema_tensors"]:
+        print(f"  EMA tensors:  {info['ema_tensors']}")
+    if "sha256" in info:
+        print(f"  sha256:       {info['sha256']}")
+        print(f"  model hash:   {info['model_hash']} (legacy {info['legacy_hash']})")
+    rec = info.get("merge_record")
+    if rec:
+        space = " (a delta)" if rec.get("space") == "delta" else ""
+        print(printable(f"  merge:        {rec.get('method')} [{rec.get('formula')}] -> {rec.get('dtype')}{space}, "
+                        f"by blockmerge {rec.get('version')}"))
+        for i in rec.get("inputs", []):
+            print(printable(f"    {i['role']}: {i['name']}  sha256 {i['sha256'][:10]}  legacy {i['legacy_hash']}"))
+        params = rec.get("params") or {n: rec[n] for n in ("alpha", "beta") if rec.get(n)}
+        for wname, w in params.items():
+            print(printable(f"    {wname}: " + ",".join(f"{k}={v:g}" for k, v in w.items())))
+        for wname, rules in (rec.get("rules") or {}).items():
+            print(printable(f"    {wname} rules: " + "; ".join(rules)))
+        if rec.get("recipe"):
+            print("    recipe:")
+            for line in str(rec["recipe"]).splitlines():
+                print(f"      {printable(line)}")
+    elif "sd_merge_recipe" in info:
+        print(f"  A1111 merge recipe: {printable(info['sd_merge_recipe'])}")
+    for k, v in info.get("metadata", {}).items():
+        print(f"  meta {printable(k)}: {printable(v)}")
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
@@ -193,7 +199,7 @@ def cmd_hash(args: argparse.Namespace) -> int:
         print(f"{'legacy':<8}  {'short':<10}  {'sha256':<64}  file")
     for f in args.files:
         h = file_hashes(f, use_cache=not args.no_cache)
-        print(f"{h.legacy:<8}  {h.short:<10}  {h.sha256}  {f}")
+        print(f"{h.legacy:<8}  {h.short:<10}  {h.sha256}  {printable(f)}")
     return 0
 
 
@@ -211,14 +217,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from ..architectures.synthetic import write_synthetic
     from ..io import check_output_path, output_dtype
+    from ..merge.executor import output_format
 
     out = Path(args.output)
     check_output_path(out, [], args.overwrite)
-    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=output_dtype(args.dtype),
-                    variant=args.variant, parts="model" if args.model_only else "all", bare=args.bare)
+    fmt = output_format(out, None)
+    write_synthetic(out, args.arch, size=args.size, seed=args.seed, dtype=output_dtype(args.dtype), fmt=fmt,
+                    variant=args.variant, parts="model" if args.model_only else "all", bare=args.bare,
+                    overwrite=args.overwrite)
     if not args.quiet:
         what = " ".join(x for x in (args.size, args.arch, args.variant) if x)
-        print(f"wrote {out} (synthetic {what}, seed {args.seed})")
+        print(f"wrote {printable(out)} (synthetic {what} {fmt}, seed {args.seed})")
     return 0
 
 
@@ -242,7 +251,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "method of `blockmerge methods`.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="the method's operands in order, e.g. A B [C]: checkpoint or delta files (.safetensors/.ckpt)")
-    p.add_argument("-o", "--output", required=True, help="output file (.safetensors, or .ckpt)")
+    p.add_argument("-o", "--output", required=True, type=output_file, help="output file (.safetensors, or .ckpt)")
     _method_args(p, METHODS)
     p.add_argument("--clamp", action="store_true",
                    help="clip every result element to the range of the model operands there")
@@ -256,7 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-ema", action="store_true", help="keep model A's model_ema.* tensors (dropped by default)")
     p.add_argument("--fix-position-ids", action="store_true", help="reset CLIP position_ids to 0..76")
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default 2; output bytes never depend on it)")
+    p.add_argument("--threads", type=THREADS, default=None,
+                   help="worker threads (default 2; output bytes never depend on it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 
@@ -291,14 +301,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("synthetic", help="write a synthetic checkpoint with a real key layout (random weights)")
-    p.add_argument("output", help="output file (.safetensors or .ckpt)")
+    p.add_argument("output", type=output_file, help="output file (.safetensors or .ckpt)")
     p.add_argument("--arch", default="SD1", type=str.upper, choices=_family_names())
     p.add_argument("--variant", help="a variant of the family: FLUX dev/schnell, SD3 sd3-medium/sd3.5-medium")
     p.add_argument("--size", default="tiny", choices=["tiny", "full"])
     p.add_argument("--model-only", action="store_true", help="the diffusion model only (no text encoders, no VAE)")
     p.add_argument("--bare", action="store_true",
                    help="diffusion model keys without model.diffusion_model. (BFL's Flux release names)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (any integer)")
     p.add_argument("--dtype", default="fp16", choices=_dtype_names())
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")

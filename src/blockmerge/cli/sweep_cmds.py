@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import finite_float
+from .common import BATCH, IMAGE_SIDE, STEPS, THREADS, device, finite_float, printable
 from .generate_cmds import add_prediction_option
 
 
@@ -36,11 +36,17 @@ def _threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
 
-        from ..errors import BlockmergeError
-
-        if args.threads < 1:
-            raise BlockmergeError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
+
+
+def _check_sweep_folder(out: Path, overwrite: bool) -> None:
+    """Before the slow model load: a sweep.json or report there that blockmerge did not write stops it."""
+    from ..experiments.outputs import own_output
+    from ..io import check_output_path
+
+    if out.is_dir():
+        for name in ("sweep.json", "index.html", "table.html"):
+            check_output_path(out / name, (), overwrite, "sweep folder", replace_if=own_output)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -68,9 +74,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap or --custom NAME=SPEC")
     if (args.swap or args.reverse) and not args.donor:
         raise BlockmergeError("--swap / --reverse need --donor MODEL (the model blocks are taken from)")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise BlockmergeError(f"-o/--output {out}: exists and is not a folder")
+    from ..io import check_output_dir
+
+    out = check_output_dir(args.output, make=False)  # made by the sweep, after the models load
+    _check_sweep_folder(out, args.overwrite)
     dtype = output_dtype(args.dtype) if args.dtype else None
     presets = load_presets(args.presets or [])
     path_a = resolve_model(args.model)
@@ -101,19 +108,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
                  "width": args.width, "height": args.height}
     result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,
-                       batch_size=args.batch_size, progress=not args.quiet, model_name=path_a.stem)
+                       batch_size=args.batch_size, progress=not args.quiet, model_name=path_a.stem,
+                       overwrite=args.overwrite)
     if not args.no_report:
-        index = write_report(out, result)
-        print(f"report: {index}")
+        index = write_report(out, result, overwrite=args.overwrite)
+        print(f"report: {printable(index)}")
     if args.reverse:
         b = donors[donor_name]
         rev = run_sweep(b, swap_variants(arch, blocks, path_a.stem, (args.swap_ratio or [1.0])[0]), prompts,
                         out / "reverse", seeds=seeds, donors={path_a.stem: model}, overrides=overrides,
-                        batch_size=args.batch_size, progress=not args.quiet, model_name=donor_name)
+                        batch_size=args.batch_size, progress=not args.quiet, model_name=donor_name,
+                        overwrite=args.overwrite)
         if not args.no_report:
-            print(f"reverse report: {write_report(out / 'reverse', rev)}")
+            print(f"reverse report: {printable(write_report(out / 'reverse', rev, overwrite=args.overwrite))}")
     m = result.meta
-    print(f"{len(result.images)} images in {out} ({m['images_made']} made, {m['images_reused']} reused)",
+    print(f"{len(result.images)} images in {printable(out)} ({m['images_made']} made, {m['images_reused']} reused)",
           file=sys.stderr)
     return 0
 
@@ -129,11 +138,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available() or args.device:
             args.threads = 1
     _threads(args)
-    res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device)
-    print(f"report: {res.index}")
+    _check_sweep_folder(Path(args.output), args.overwrite)
+    res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device,
+                   overwrite=args.overwrite)
+    print(f"report: {printable(res.index)}")
     if res.reverse_index:
-        print(f"reverse swap report: {res.reverse_index}")
-    print(f"open it in a browser: file://{res.index.resolve()}  ({res.timings['total_s']:.0f} s)", file=sys.stderr)
+        print(f"reverse swap report: {printable(res.reverse_index)}")
+    print(f"open it in a browser: file://{printable(res.index.resolve())}  ({res.timings['total_s']:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -142,8 +153,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..experiments.results import SweepResult
 
     result = SweepResult.load(Path(args.folder))
-    index = write_report(Path(args.output) if args.output else result.root, result)
-    print(f"report: {index}")
+    index = write_report(Path(args.output) if args.output else result.root, result, overwrite=args.overwrite)
+    print(f"report: {printable(index)}")
     return 0
 
 
@@ -181,18 +192,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", metavar="NAME=SPEC",
                    help="another parameter of --custom's method, per block (repeatable), e.g. --param k=0.3")
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
-    p.add_argument("--steps", type=int, help="override the infotexts' Steps")
+    p.add_argument("--steps", type=STEPS, help="override the infotexts' Steps")
     p.add_argument("--sampler", help="override the infotexts' Sampler")
     p.add_argument("--cfg-scale", type=finite_float, help="override the infotexts' CFG scale")
-    p.add_argument("--width", type=int, help="override the image width")
-    p.add_argument("--height", type=int, help="override the image height")
-    p.add_argument("--batch-size", type=int, help="seeds per batch (default all seeds of a prompt)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--width", type=IMAGE_SIDE, help="override the image width (a multiple of 8)")
+    p.add_argument("--height", type=IMAGE_SIDE, help="override the image height (a multiple of 8)")
+    p.add_argument("--batch-size", type=BATCH, help="seeds per batch (default all seeds of a prompt)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="compute dtype (default fp16 on CUDA, fp32 on CPU)")
     add_prediction_option(p)
     p.add_argument("--no-report", action="store_true", help="only make the images and sweep.json")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=THREADS, metavar="N",
                    help="torch CPU threads (default torch's; 1 is often faster on a busy 2-core machine)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in the folder that blockmerge did not write (its own are reused or replaced)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
@@ -201,13 +214,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and swapped between the two models; seeds 1-4. Prints where the report is.")
     p.add_argument("-o", "--output", default="blockmerge-demo", help="output folder (default ./blockmerge-demo)")
     p.add_argument("--quick", action="store_true", help="one prompt, seeds 1-2, 8 steps (a first look)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=THREADS, metavar="N",
                    help="torch CPU threads (default 1 on CPU: the tiny models gain little from more)")
-    p.add_argument("--device", help="cpu, cuda ... (default: CUDA if available)")
+    p.add_argument("--device", type=device, help="cpu, cuda ... (default: CUDA if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in the folder that blockmerge did not write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="(re)write the report of a sweep folder from its sweep.json")
     p.add_argument("folder", help="a sweep folder (with sweep.json)")
     p.add_argument("-o", "--output", help="report folder (default: the sweep folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files there that blockmerge did not write (an earlier report is replaced anyway)")
     p.set_defaults(func=cmd_report)

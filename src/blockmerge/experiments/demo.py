@@ -70,8 +70,11 @@ def _default_names() -> tuple[str, str]:
 
 
 def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, *, progress: bool = True,
-             device: str | None = None) -> DemoResult:
-    """Run the demo into ``out_dir`` (resumable: a rerun reuses the images) and write the reports."""
+             device: str | None = None, overwrite: bool = False) -> DemoResult:
+    """Run the demo into ``out_dir`` (resumable: a rerun reuses the images) and write the reports.
+
+    ``overwrite`` lets it replace files in ``out_dir`` that blockmerge did not write (its own earlier
+    report and sweep files are replaced anyway)."""
     from ..generation.loader import load_pipeline
     from ..models import resolve_model
     from .inplace import InPlaceModel
@@ -87,7 +90,9 @@ def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, 
     name_b = cfg.model_b if str(cfg.model_b) != str(path_b) else path_b.stem
     if name_a == name_b:
         raise BlockmergeError(f"demo: models A and B are both {name_a!r}; give two different models")
-    out = Path(out_dir)
+    from ..io import check_output_dir
+
+    out = check_output_dir(out_dir, make=False)
     t0 = time.perf_counter()
     a = load_pipeline(path_a, device=device)
     b = load_pipeline(path_b, device=device)
@@ -101,7 +106,8 @@ def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, 
     ipm_a = InPlaceModel(a, {name_b: b})
     t1 = time.perf_counter()
     res = run_sweep(a, variants, cfg.prompts, main_dir, seeds=cfg.seeds, donors={name_b: b},
-                    overrides=cfg.overrides, progress=progress, inplace=ipm_a, model_name=name_a)
+                    overrides=cfg.overrides, progress=progress, inplace=ipm_a, model_name=name_a,
+                    overwrite=overwrite)
     t_sweep = time.perf_counter() - t1
     rev = None
     t_rev = 0.0
@@ -110,18 +116,19 @@ def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, 
         t2 = time.perf_counter()
         rev = run_sweep(b, swap_variants(arch, blocks, name_a), cfg.prompts, rev_dir, seeds=cfg.seeds,
                         donors={name_a: a}, overrides=cfg.overrides, progress=progress, inplace=ipm_b,
-                        model_name=name_b)
+                        model_name=name_b, overwrite=overwrite)
         t_rev = time.perf_counter() - t2
         res.meta["links"] = [["reverse swap: " + name_b + " with blocks from " + name_a, "reverse/index.html"]]
         rev.meta["links"] = [["main report: " + name_a, "../index.html"]]
-        rev.save()
-    res.save()
+        rev.save(overwrite=overwrite)
+    res.save(overwrite=overwrite)
     t3 = time.perf_counter()
     index = write_report(main_dir, res, title=f"blockmerge demo: {name_a} (scaled ×{cfg.k:g}, bypassed, "
-                                               f"blocks from {name_b})")
+                                               f"blocks from {name_b})", overwrite=overwrite)
     rev_index = None
     if rev is not None:
-        rev_index = write_report(rev_dir, rev, title=f"blockmerge demo: {name_b} with blocks from {name_a}")
+        rev_index = write_report(rev_dir, rev, title=f"blockmerge demo: {name_b} with blocks from {name_a}",
+                                 overwrite=overwrite)
     t_report = time.perf_counter() - t3
     timings = {"load_s": t_load, "sweep_s": t_sweep, "reverse_s": t_rev, "report_s": t_report,
                "total_s": time.perf_counter() - t0}

@@ -12,16 +12,35 @@ means the same everywhere.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape as _escape
+from xml.sax.saxutils import quoteattr as _quoteattr
 
 from ..architectures import Layout
 from ..architectures.layout import u_layout
 from ..errors import BlockmergeError
 
+# Characters XML 1.0 forbids even as references (C0 controls but tab/newline/CR, lone surrogates, FFFE/FFFF).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def escape(text: str) -> str:
+    """Text for an SVG text node: markup escaped, and characters XML cannot hold at all replaced by U+FFFD
+    (a model name with a control character must not make the file unreadable)."""
+    return _escape(_NOT_XML.sub("\ufffd", str(text)))
+
+
+def quoteattr(text: str) -> str:
+    """A quoted SVG attribute value, with the same replacement as :func:`escape`."""
+    return _quoteattr(_NOT_XML.sub("\ufffd", str(text)))
+
+
 # ColorBrewer OrRd (light -> dark): "more change" reads as darker and warmer.
 PALETTE: tuple[tuple[int, int, int], ...] = ((255, 247, 236), (253, 212, 158), (252, 141, 89), (215, 48, 31), (127, 0, 0))
 NO_DATA = "#dddddd"
+# Marks the SVG as blockmerge's own output, so re-rendering a report may replace it without --overwrite.
+GENERATOR = "blockmerge heat map"
 
 
 def u_positions(block_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -130,7 +149,7 @@ def u_heatmap_svg(
     height = legend_y + 40
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12" data-generator="{GENERATOR}">',
         f"<title>{escape(title)}</title>",
         f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
     ]

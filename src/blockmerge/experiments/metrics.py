@@ -92,16 +92,24 @@ def load_image(path: Path) -> np.ndarray:
     """An image file as HxWx3 float64 in [0, 1]."""
     from PIL import Image
 
+    from ..io import check_input_file
+
+    check_input_file(path, f"{path}: cannot read image")  # a FIFO listed in a sweep would block the read
     try:
         with Image.open(path) as im:
             return as_float_image(np.asarray(im.convert("RGB")), str(path))
-    except (OSError, ValueError) as e:
-        raise BlockmergeError(f"{path}: cannot read image ({e})") from e
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise BlockmergeError(f"{path}: cannot read image ({str(e)[:200]})") from None
 
 
 def load_latent(path: Path) -> np.ndarray:
     """A saved final latent (``.npy``, or a tensor in ``.pt`` loaded with weights_only) as float64."""
+    import pickle
+
+    from ..io import check_input_file
+
     path = Path(path)
+    check_input_file(path, f"{path}: cannot read latent")
     try:
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -114,9 +122,12 @@ def load_latent(path: Path) -> np.ndarray:
             arr = t.detach().to(torch.float64).numpy()
         else:
             raise BlockmergeError(f"{path}: latent must be .npy or .pt")
-    except OSError as e:
-        raise BlockmergeError(f"{path}: cannot read latent ({e})") from e
-    return np.asarray(arr, dtype=np.float64)
+    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise BlockmergeError(f"{path}: cannot read latent ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    try:
+        return np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise BlockmergeError(f"{path}: the latent is not numeric ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ colours and image paths; no number is computed in the browser.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -25,17 +27,18 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from ..architectures import Layout, by_name
 from ..errors import BlockmergeError
+from ..io import atomic_write, check_output_dir, note_input, write_text
+from ..io.atomic import utf8
 from .heatmap import colour_for, format_value, layout_positions, normalise, text_colour_for, u_heatmap_svg
 from .metrics import METRICS, AggregateRow, Metric, MetricsTable, json_number, rank_blocks, sweep_metrics
+from .outputs import HTML_GENERATOR, THUMB_COMMENT, own_output
 from .results import SweepResult
 
 ASSETS = ("report.css", "report.js")
-
-
 def _slug(s: str, n: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")[:n] or "x"
 
@@ -49,6 +52,32 @@ def _esc(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
+def _json_island(data: Any) -> str:
+    """JSON for a ``<script type="application/json">`` element. Every ``<``, ``>`` and ``&`` is written
+    as a ``\\u`` escape (the same string to JSON.parse), so no text in it (``</script>``, ``<!--``,
+    ``<script>``) can end the element or switch the HTML tokenizer into its escaped states."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") \
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def safe_href(href: str) -> str | None:
+    """``href`` if it is a relative link or an http(s) URL, else None (``javascript:``, ``data:``,
+    ``file:`` and anything with control characters are never written into a link)."""
+    h = str(href).strip()
+    if not h or any(ord(c) < 0x20 or ord(c) == 0x7F for c in h):
+        return None
+    try:
+        scheme = urlsplit(h).scheme.lower()
+    except ValueError:
+        return None
+    if scheme and scheme not in ("http", "https"):
+        return None
+    if not scheme and ":" in h.split("/", 1)[0]:
+        return None  # "javascript&colon;..." style tricks the browser may read as a scheme
+    return h
+
+
 def _data_v(v: float) -> str:
     """A sort key the page's Number() parses; empty for no data."""
     if math.isnan(v):
@@ -58,50 +87,95 @@ def _data_v(v: float) -> str:
     return repr(float(v))
 
 
+class _Pending:
+    """The report's files, computed in full before the first one is written: a bad image or block id
+    found half way must not leave half a report behind."""
+
+    def __init__(self, overwrite: bool) -> None:
+        self.overwrite = overwrite
+        self.items: list[tuple[Path, bytes | Path]] = []  # (target, content or a file to copy)
+
+    def add(self, target: Path, content: bytes | str | Path) -> None:
+        self.items.append((target, utf8(content) if isinstance(content, str) else content))
+
+    def write_all(self) -> None:
+        from ..io import check_output_path
+
+        for target, _ in self.items:  # every name checked before anything is written
+            if target.parent.is_dir():
+                check_output_path(target, (), self.overwrite, "report file", replace_if=own_output)
+            else:
+                check_output_dir(target.parent, "report folder", make=False)
+        created: list[Path] = []
+        try:
+            for target, content in self.items:
+                check_output_dir(target.parent, "report folder")
+                new = not os.path.lexists(target)
+                with atomic_write(target, overwrite=self.overwrite, replace_if=own_output) as f:
+                    if isinstance(content, Path):
+                        with open(content, "rb") as fin:
+                            shutil.copyfileobj(fin, f)
+                    else:
+                        f.write(content)
+                if new:
+                    created.append(target)
+        except BaseException:
+            for p in created:  # files this run added; those it replaced cannot be brought back
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            raise
+
+
 class _Images:
     """Thumbnails (or copies) of the sweep's images inside the report folder, made once each."""
 
-    def __init__(self, result: SweepResult, out_dir: Path, thumb_size: int | None, copy_images: bool) -> None:
+    def __init__(self, result: SweepResult, out_dir: Path, thumb_size: int | None, copy_images: bool,
+                 pending: _Pending) -> None:
         self.result, self.out, self.thumb_size, self.copy = result, out_dir, thumb_size, copy_images
+        self.pending = pending
         self._done: dict[str, dict[str, Any]] = {}
 
     def entry(self, rel: str, seed: int) -> dict[str, Any]:
         if rel in self._done:
             return self._done[rel]
+        from PIL import Image
+
         src = self.result.path_of(rel)
         if not src.is_file():
             raise BlockmergeError(f"{src}: image listed in the sweep is missing")
-        name = f"{_slug(Path(rel).stem)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        note_input(src)
+        name = f"{_slug(Path(rel).stem)}-{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        try:
+            with Image.open(src) as im:
+                im.load()
+                thumb_img = im.convert("RGB") if self.thumb_size else None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BlockmergeError(f"{src}: cannot read image ({str(e)[:160]})") from None
         if self.copy:
-            full = self.out / "images" / (name + src.suffix.lower())
-            full.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, full)
+            full = self._copy(src, name)
         else:
             full = src
         try:
             href = _url(full, self.out)
         except ValueError:  # another drive on Windows: no relative path exists
-            full = self.out / "images" / (name + src.suffix.lower())
-            full.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, full)
+            full = self._copy(src, name)
             href = _url(full, self.out)
         thumb_href = href
-        if self.thumb_size:
-            from PIL import Image
-
+        if thumb_img is not None and self.thumb_size:
             thumb = self.out / "thumbs" / (name + ".jpg")
-            thumb.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with Image.open(src) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((self.thumb_size, self.thumb_size), Image.Resampling.LANCZOS)
-                    im.save(thumb, "JPEG", quality=85)
-            except OSError as e:
-                raise BlockmergeError(f"{src}: cannot read image ({e})") from e
+            thumb_img.thumbnail((self.thumb_size, self.thumb_size), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            thumb_img.save(buf, "JPEG", quality=85, comment=THUMB_COMMENT)
+            self.pending.add(thumb, buf.getvalue())
             thumb_href = _url(thumb, self.out)
         e = {"src": thumb_href, "href": href, "seed": seed}
         self._done[rel] = e
         return e
+
+    def _copy(self, src: Path, name: str) -> Path:
+        full = self.out / "images" / (name + src.suffix.lower())
+        self.pending.add(full, src)
+        return full
 
 
 def _shown_metrics(table: MetricsTable) -> list[Metric]:
@@ -258,8 +332,8 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
             var_attr = f' data-variant="{_esc(cell["variant"])}"'
         note = _notes(result).get(cell["variant"], "") if cell is not None else ""
         cells.append(
-            f'<div class="cell" data-block="{b}"{var_attr} style="grid-row:{r};grid-column:{c};{style}">'
-            f'<div class="head"><span class="block" title="{_esc(note)}">{b}</span>'
+            f'<div class="cell" data-block="{_esc(b)}"{var_attr} style="grid-row:{r};grid-column:{c};{style}">'
+            f'<div class="head"><span class="block" title="{_esc(note)}">{_esc(b)}</span>'
             f'<span class="metric-value" title="{_esc(title_attr)}">{_esc(val)}</span>'
             f'<span class="metric-all">{_esc(all_txt)}</span></div>'
             f'<div class="imgs">{inner}</div><div class="vals">{_esc(vals)}</div></div>'
@@ -270,10 +344,11 @@ def _render_index(result: SweepResult, data: dict[str, Any], shown: list[Metric]
     )
     metric_opts = "".join(f'<option value="{m.key}">{_esc(m.label)}</option>' for m in shown)
     hm = data["heatmaps"].get(g0, {}).get(m0, "")
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    blob = _json_island(data)
     desc = data["metricDesc"].get(m0, "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
+<meta name="generator" content="{HTML_GENERATOR}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="stylesheet" href="report.css"></head>
 <body>
@@ -310,7 +385,9 @@ def _extra_links(result: SweepResult) -> str:
             text, href = item
         except (TypeError, ValueError):
             continue
-        out.append(f'<a href="{_esc(href)}">{_esc(text)}</a>')
+        safe = safe_href(href) if isinstance(href, str) else None
+        if safe is not None:
+            out.append(f'<a href="{_esc(safe)}">{_esc(text)}</a>')
     return "".join(out)
 
 
@@ -384,6 +461,7 @@ def _render_table(result: SweepResult, table: MetricsTable, shown: list[Metric],
     vh = "<th>group</th><th>block</th><th>variant</th>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}: table</title>
+<meta name="generator" content="{HTML_GENERATOR}">
 <link rel="stylesheet" href="report.css"></head>
 <body>
 <header><h1>{_esc(title)}: all numbers</h1><p class="sub">{_esc(_subtitle(result))}</p>
@@ -429,7 +507,12 @@ def results_dict(result: SweepResult, table: MetricsTable) -> dict[str, Any]:
     }
 
 
-def write_results_csv(path: Path, result: SweepResult, table: MetricsTable) -> None:
+def write_results_csv(path: Path, result: SweepResult, table: MetricsTable, *, overwrite: bool = False) -> None:
+    """:func:`results_csv` written to ``path`` through the write policy."""
+    write_text(path, results_csv(result, table), overwrite=overwrite, replace_if=own_output)
+
+
+def results_csv(result: SweepResult, table: MetricsTable) -> str:
     """One row per image (level "image") and per aggregate (levels "prompt" and "all").
 
     Numbers are written with Python's repr, so reading them back with float() gives the exact
@@ -439,30 +522,38 @@ def write_results_csv(path: Path, result: SweepResult, table: MetricsTable) -> N
     cols = ["level", "group", "variant", "kind", "block", "prompt", "seed", "n"]
     for m in METRICS:
         cols += [m.key, m.key + "_std"]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(cols)
 
-        def row(level: str, vid: str, prompt: int | None, seed: int | None, n: int,
-                vals: dict[str, float], std: dict[str, float] | None) -> None:
-            v = vmap[vid]
-            out: list[Any] = [level, v.group, v.id, v.kind, v.block or "", "" if prompt is None else prompt,
-                              "" if seed is None else seed, n]
-            for m in METRICS:
-                out += [repr(float(vals[m.key])), "" if std is None else repr(float(std[m.key]))]
-            w.writerow(out)
+    def row(level: str, vid: str, prompt: int | None, seed: int | None, n: int,
+            vals: dict[str, float], std: dict[str, float] | None) -> None:
+        v = vmap[vid]
+        out: list[Any] = [level, v.group, v.id, v.kind, v.block or "", "" if prompt is None else prompt,
+                          "" if seed is None else seed, n]
+        for m in METRICS:
+            out += [repr(float(vals[m.key])), "" if std is None else repr(float(std[m.key]))]
+        w.writerow(out)
 
-        for r in table.rows:
-            row("image", r.variant, r.prompt, r.seed, 1, r.values, None)
-        for a in table.aggregate():
-            row("prompt" if a.prompt is not None else "all", a.variant, a.prompt, None, a.n, a.mean, a.std)
+    for r in table.rows:
+        row("image", r.variant, r.prompt, r.seed, 1, r.values, None)
+    for a in table.aggregate():
+        row("prompt" if a.prompt is not None else "all", a.variant, a.prompt, None, a.n, a.mean, a.std)
+    return f.getvalue()
 
 
 def write_heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable,
-                   metrics: Sequence[Metric] = METRICS) -> dict[str, dict[str, str]]:
+                   metrics: Sequence[Metric] = METRICS, *, overwrite: bool = False) -> dict[str, dict[str, str]]:
     """One SVG per (group, metric) of the all-prompt means; returns {group: {metric: relative path}}."""
+    pending = _Pending(overwrite)
+    out = _heatmaps(out_dir, result, table, metrics, pending)
+    pending.write_all()
+    return out
+
+
+def _heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable, metrics: Sequence[Metric],
+              pending: _Pending) -> dict[str, dict[str, str]]:
     hdir = out_dir / "heatmaps"
-    hdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, str]] = {}
     for g in result.groups():
         out[g] = {}
@@ -475,40 +566,46 @@ def write_heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable,
             title = f"{m.label} — {g} ({result.architecture})"
             svg = u_heatmap_svg(result.block_ids, vals, title, higher_is_more=m.higher_is_more_change, unit=m.unit,
                                 layout=_family_layout(result))
-            name = f"{_slug(g)}-{hashlib.sha1(g.encode()).hexdigest()[:6]}__{m.key}.svg"
-            (hdir / name).write_text(svg, encoding="utf-8")
+            name = f"{_slug(g)}-{hashlib.sha1(g.encode('utf-8', 'surrogateescape')).hexdigest()[:6]}__{m.key}.svg"
+            pending.add(hdir / name, svg)
             out[g][m.key] = "heatmaps/" + quote(name)
     return out
 
 
 def write_report(out_dir: Path, result: SweepResult, metrics_table: MetricsTable | None = None, *,
-                 title: str | None = None, thumb_size: int | None = 256, copy_images: bool = False) -> Path:
+                 title: str | None = None, thumb_size: int | None = 256, copy_images: bool = False,
+                 overwrite: bool = False) -> Path:
     """Write the report folder and return the path of its ``index.html``.
 
     ``metrics_table`` defaults to :func:`sweep_metrics` of the sweep. Thumbnails (JPEG, longest
     side ``thumb_size``; None to show the originals) go in ``thumbs/``; full-size links point at
     the sweep's own files by relative path, or at copies in ``images/`` when ``copy_images``
     (a self-contained folder to send to someone).
+
+    Every file goes through the write policy: a file of the same name that an earlier report wrote
+    (it carries blockmerge's generator mark) is replaced; any other existing file only with
+    ``overwrite``.
     """
     result.validate()
     if result.root is None:
         raise BlockmergeError("report: the sweep's root folder is unknown; load it with SweepResult.load")
     if metrics_table is None:
         metrics_table = sweep_metrics(result)
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(Path(out_dir).resolve(), "report folder", make=False)
     title = title or f"blockmerge sweep: {result.meta.get('model', result.architecture)}"
     shown = _shown_metrics(metrics_table) or list(METRICS[:1])
+    layout_positions(result.block_ids, _family_layout(result))  # a block id with no place fails here, before any file
+    pending = _Pending(overwrite)
     for name in ASSETS:
-        (out_dir / name).write_bytes(files("blockmerge").joinpath("data", "report", name).read_bytes())
-    heatmaps = write_heatmaps(out_dir, result, metrics_table, shown)
-    images = _Images(result, out_dir, thumb_size, copy_images)
+        pending.add(out_dir / name, files("blockmerge").joinpath("data", "report", name).read_bytes())
+    heatmaps = _heatmaps(out_dir, result, metrics_table, shown, pending)
+    images = _Images(result, out_dir, thumb_size, copy_images, pending)
     data = _build_data(result, metrics_table, shown, images, heatmaps)
-    (out_dir / "index.html").write_text(_render_index(result, data, shown, title), encoding="utf-8")
-    (out_dir / "table.html").write_text(_render_table(result, metrics_table, shown, title), encoding="utf-8")
-    (out_dir / "results.json").write_text(
-        json.dumps(results_dict(result, metrics_table), indent=1, ensure_ascii=False, allow_nan=False),
-        encoding="utf-8",
-    )
-    write_results_csv(out_dir / "results.csv", result, metrics_table)
+    pending.add(out_dir / "index.html", _render_index(result, data, shown, title))
+    pending.add(out_dir / "table.html", _render_table(result, metrics_table, shown, title))
+    pending.add(out_dir / "results.json",
+                json.dumps(results_dict(result, metrics_table), indent=1, ensure_ascii=False, allow_nan=False))
+    pending.add(out_dir / "results.csv", results_csv(result, metrics_table))
+    check_output_dir(out_dir, "report folder")
+    pending.write_all()
     return out_dir / "index.html"

@@ -24,6 +24,13 @@ SWEEP_FILE = "sweep.json"
 FORMAT_VERSION = 1
 
 
+def _int(v: Any) -> int:
+    """A JSON integer (not a bool, not 1.5, not "3")."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected a whole number, got {v!r}"[:80])
+    return v
+
+
 def _fmt_param(v: Any) -> str:
     # 0.75 -> "0.75", 1.0 -> "1", so ids stay short and stable across float formatting.
     if isinstance(v, float):
@@ -85,6 +92,8 @@ class Variant:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Variant:
+        if d.get("block") is not None and not isinstance(d.get("block"), str):
+            raise ValueError(f"variant block must be a block id or null, not {d.get('block')!r}"[:120])
         return cls(
             id=str(d["id"]),
             kind=str(d["kind"]),
@@ -113,7 +122,10 @@ class ImageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImageRecord:
-        return cls(str(d["variant"]), int(d["prompt"]), int(d["seed"]), str(d["path"]), d.get("latent"))
+        latent = d.get("latent")
+        if latent is not None and not isinstance(latent, str):
+            raise ValueError(f"image latent must be a path or null, not {latent!r}"[:120])
+        return cls(str(d["variant"]), _int(d["prompt"]), _int(d["seed"]), str(d["path"]), latent)
 
 
 @dataclass
@@ -226,41 +238,67 @@ class SweepResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> SweepResult:
         try:
+            for name in ("block_ids", "prompts", "seeds", "variants"):
+                if not isinstance(d[name], list):
+                    raise TypeError(f"{name!r} must be a list")
+            if not isinstance(d.get("images", []), list):
+                raise TypeError("'images' must be a list")
             return cls(
                 architecture=str(d["architecture"]),
                 block_ids=[str(b) for b in d["block_ids"]],
                 prompts=[str(p) for p in d["prompts"]],
-                seeds=[int(s) for s in d["seeds"]],
+                seeds=[_int(s) for s in d["seeds"]],
                 variants=[Variant.from_dict(v) for v in d["variants"]],
                 images=[ImageRecord.from_dict(r) for r in d.get("images", [])],
                 meta=dict(d.get("meta") or {}),
                 root=root,
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BlockmergeError(f"sweep description: missing or bad field ({e})") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BlockmergeError(f"sweep description: missing or bad field ({str(e)[:160]})") from None
 
-    def save(self, path: Path | None = None) -> Path:
-        """Write ``sweep.json`` (into ``root`` by default); returns its path."""
+    def save(self, path: Path | None = None, *, overwrite: bool = False) -> Path:
+        """Write ``sweep.json`` (into ``root`` by default) through the write policy; returns its path.
+
+        An existing sweep description (blockmerge's own, by its ``format`` field) is replaced, any other
+        file of that name only with ``overwrite``.
+        """
+        from ..io import write_text
+        from .outputs import own_output
+
         if path is None:
             if self.root is None:
                 raise BlockmergeError("sweep: no path given and root unknown")
             path = self.root / SWEEP_FILE
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+        try:
+            text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise BlockmergeError(f"{path}: the sweep description holds a non-finite number") from None
+        write_text(path, text, overwrite=overwrite, replace_if=own_output)
         return path
 
     @classmethod
     def load(cls, path: Path) -> SweepResult:
         """Read a sweep description; ``path`` is ``sweep.json`` or the folder holding it."""
+        from ..io.text import read_user_text
+
         path = Path(path)
         if path.is_dir():
             path = path / SWEEP_FILE
+        text = read_user_text(path, f"{path} (sweep description)", max_bytes=512 << 20)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise BlockmergeError(f"{path}: cannot read sweep description ({e.strerror})") from e
+            d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BlockmergeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-        res = cls.from_dict(d, root=path.parent)
+            raise BlockmergeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise BlockmergeError(f"{path}: not a sweep description (JSON nested too deeply)") from None
+        if not isinstance(d, dict):
+            raise BlockmergeError(f"{path}: not a sweep description (a JSON {type(d).__name__}, not an object)")
+        if d.get("format", "blockmerge.sweep") != "blockmerge.sweep":
+            raise BlockmergeError(f"{path}: not a sweep description (format {str(d.get('format'))[:60]!r})")
+        try:
+            res = cls.from_dict(d, root=path.parent)
+        except BlockmergeError as e:
+            raise BlockmergeError(f"{path}: {e}") from None
         return res
 

@@ -223,8 +223,35 @@ def _model_id(loaded: Any) -> str:
 def _save_latent(path: Path, latent: Any) -> None:
     from ..io import atomic_write
 
-    with atomic_write(path) as f:
+    # overwrite: the name is content-addressed (a digest of everything that made the image), so a file
+    # there is this sweep's own; it is only rewritten when it failed the check in _trusted().
+    with atomic_write(path, overwrite=True) as f:
         np.save(f, latent.numpy().astype(np.float32), allow_pickle=False)
+
+
+def _trusted(png: Path, latent: Path | None) -> bool:
+    """Whether a cached image (and latent) may be reused: both regular files that read back whole.
+
+    The write policy never leaves a half-written file under these names, even after SIGKILL (only a
+    temporary file, removed at the start of the next run); this also catches files damaged later.
+    Checking costs a CRC pass over the PNG (Pillow's verify) and the .npy header against its size.
+    """
+    from PIL import Image
+
+    try:
+        if not png.is_file():
+            return False
+        with Image.open(png) as im:
+            im.verify()
+        if latent is not None:
+            if not latent.is_file():
+                return False
+            arr = np.load(latent, mmap_mode="r", allow_pickle=False)
+            if arr.ndim < 3 or arr.dtype != np.float32:
+                return False
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False
+    return True
 
 
 class _Progress:
@@ -260,6 +287,7 @@ def run_sweep(
     inplace: InPlaceModel | None = None,
     model_name: str | None = None,
     on_variant: Callable[[PlannedVariant, float], None] | None = None,
+    overwrite: bool = False,
 ) -> SweepResult:
     """Generate every (variant, prompt, seed) image into ``out_dir`` and return the sweep description
     (also written as ``out_dir/sweep.json``).
@@ -297,8 +325,14 @@ def run_sweep(
                 if n not in ipm.donors:
                     raise BlockmergeError(f"variant {p.variant.id}: model {n!r} was not given as a donor")
     arch: Architecture = model.architecture
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io import check_output_dir, check_output_path, remove_stale_partials
+    from .outputs import own_output
+    from .results import SWEEP_FILE
+
+    out = check_output_dir(out_dir)
+    # A rerun resumes: first remove what a killed run left (temporary files of dead processes only).
+    remove_stale_partials(out, recursive=True)
+    check_output_path(out / SWEEP_FILE, (), overwrite, "sweep file", replace_if=own_output)
 
     gparams = [prompt_params(p, seeds, overrides) for p in prompts]
     sizes = [(g.width or model.resolution, g.height or model.resolution) for g in gparams]
@@ -336,7 +370,7 @@ def run_sweep(
             missing = []
             for s in seeds:
                 png, lat = image_paths(p, i, s)
-                if (out / png).is_file() and (not save_latents or (out / lat).is_file()):
+                if _trusted(out / png, out / lat if save_latents else None):
                     n_cached += 1
                 else:
                     missing.append(s)
@@ -373,10 +407,11 @@ def run_sweep(
 
                     def save(img: Any, p: PlannedVariant = p, i: int = i) -> None:
                         png, lat = image_paths(p, i, img.seed)
-                        (out / png).parent.mkdir(parents=True, exist_ok=True)
+                        check_output_dir((out / png).parent)
                         if save_latents:
                             _save_latent(out / lat, img.latent)
-                        save_png(img, out / png)  # last: a PNG present means the pair is complete
+                        # last: a PNG present means the pair is complete; overwrite as for the latent
+                        save_png(img, out / png, overwrite=True)
                         bar.update(1, p.variant.label)
 
                     t2 = time.perf_counter()
@@ -413,5 +448,5 @@ def run_sweep(
                     "total_s": round(time.perf_counter() - t_start, 3)},
     })
     result.validate()
-    result.save()
+    result.save(overwrite=overwrite)
     return result

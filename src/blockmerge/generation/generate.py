@@ -369,12 +369,13 @@ def generate(
     return results
 
 
-def save_png(image: GeneratedImage, path: str | os.PathLike[str]) -> Path:
-    """Write a PNG carrying A1111's ``parameters`` text chunk, atomically."""
+def save_png(image: GeneratedImage, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a PNG carrying A1111's ``parameters`` text chunk, through the write policy (atomic; an
+    existing file only with ``overwrite``)."""
     from ..io import atomic_write
 
     p = Path(path)
-    with atomic_write(p) as f:
+    with atomic_write(p, overwrite=overwrite) as f:
         image.image.save(f, format="PNG", pnginfo=png_info(image.infotext))
     return p
 

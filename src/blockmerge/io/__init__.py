@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from .atomic import atomic_write, check_output_path
-from .checkpoint import CheckpointReader, open_checkpoint
+from .atomic import (
+    atomic_write,
+    check_output_dir,
+    check_output_path,
+    remove_stale_partials,
+    write_bytes,
+    write_text,
+)
+from .checkpoint import CheckpointReader, open_checkpoint, sniff
 from .dtypes import OUTPUT_DTYPES, cast_into, cast_to, dtype_name, output_dtype, saturates
 from .hashes import FileHashes, file_hashes, legacy_hash, sha256_file
+from .inputs import check_input_file, input_guard, note_input
 from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, SafetensorsStreamWriter, TensorInfo
 
 __all__ = [
@@ -20,12 +28,20 @@ __all__ = [
     "atomic_write",
     "cast_into",
     "cast_to",
+    "check_input_file",
+    "check_output_dir",
     "check_output_path",
     "dtype_name",
     "file_hashes",
+    "input_guard",
     "legacy_hash",
+    "note_input",
     "open_checkpoint",
     "output_dtype",
     "saturates",
+    "remove_stale_partials",
     "sha256_file",
+    "sniff",
+    "write_bytes",
+    "write_text",
 ]

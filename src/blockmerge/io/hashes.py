@@ -13,12 +13,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import stat
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import BlockmergeError, CheckpointError
+from .inputs import check_input_file
 
 _LOCK = threading.Lock()
 _CHUNK = 8 * 1024 * 1024
@@ -58,36 +59,48 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+_HEX = frozenset("0123456789abcdef")
+_MAX_CACHE_BYTES = 64 << 20
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    sha, legacy = entry.get("sha256"), entry.get("legacy")
+    return (
+        type(entry.get("size")) is int and type(entry.get("mtime_ns")) is int
+        and isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX
+        and isinstance(legacy, str) and len(legacy) == 8 and set(legacy) <= _HEX
+    )
+
+
 def _load_cache(p: Path) -> dict[str, dict[str, object]]:
+    """The cache's valid entries; anything unreadable or malformed is ignored (and, being left out,
+    rebuilt on the next save): a corrupt cache must never stop a command."""
     try:
-        data = json.loads(p.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CACHE_BYTES:
+            return {}
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and _valid_entry(v)}
 
 
 def _save_cache(p: Path, data: dict[str, dict[str, object]]) -> None:
-    with contextlib.suppress(OSError):
+    from .atomic import write_text
+
+    with contextlib.suppress(OSError, BlockmergeError):
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".hashes.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(tmp, p)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        write_text(p, json.dumps(data, indent=0, sort_keys=True), overwrite=True)
 
 
 def file_hashes(path: str | os.PathLike[str], use_cache: bool = True) -> FileHashes:
     """Both hashes of a file, from the cache when path, size and mtime still match."""
     p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a folder, not a file")
+    st = check_input_file(p, error=CheckpointError)
     key = str(p.resolve())
     cp = cache_path()
     if use_cache:

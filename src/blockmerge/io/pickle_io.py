@@ -8,14 +8,17 @@ rebuilt as an inert placeholder class that has no methods and runs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from .inputs import check_input_file
 from .safetensors_io import TensorInfo
 
 
@@ -34,11 +37,23 @@ _ALLOWED_EXTRA = [
 def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a pickled checkpoint; refuses anything that would run code."""
     p = Path(path)
+    check_input_file(p, error=CheckpointError)
     try:
         mmap = zipfile.is_zipfile(p)
-        with torch.serialization.safe_globals(_ALLOWED_EXTRA):
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_ALLOWED_EXTRA), contextlib.ExitStack() as stack:
+            src: object = p
+            if os.fspath(p).endswith(".safetensors"):
+                # torch.load reads any *path* ending in .safetensors as safetensors; this content is a
+                # pickle misnamed, so hand torch an open file (no mmap then: it is read into memory).
+                src, mmap = stack.enter_context(open(p, "rb")), False
+            obj = torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower() and "unsupported class" not in str(e).lower():
+            # Not a refusal of code but a stream torch cannot parse ("invalid load key", "Unsupported
+            # operand 103"): a damaged file, not an unsafe one.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "operand" in ln or "load key" in ln), lines[0] if lines else "")
+            raise CheckpointError(f"{p}: not a readable checkpoint (a damaged pickle: {detail[:160]})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         for line in str(e).splitlines():
             if "Unsupported global" in line or "GLOBAL" in line:
@@ -47,8 +62,19 @@ def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
         raise CheckpointError(
             f"{p}: refused: this pickle needs code that a weights-only load does not run ({first[:200]})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise CheckpointError(f"{p}: its tensors do not fit in the memory available") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
+            AttributeError, struct.error, OverflowError, RecursionError) as e:
+        # torch.load's errors on a damaged file are of many types; all mean the same to the user.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if "can't allocate memory" in first or "out of memory" in first.lower():
+            raise CheckpointError(f"{p}: its tensors do not fit in the memory available") from None
+        if "central directory" in first or "failed finding" in first:
+            first = "a damaged or truncated zip archive"
+        elif "data.pkl" in first:
+            first = "a zip archive, but not a PyTorch checkpoint"
+        raise CheckpointError(f"{p}: not a readable checkpoint ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

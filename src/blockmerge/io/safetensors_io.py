@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 from .atomic import EarlyWriteback, preallocate
+from .inputs import check_input_file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,7 +41,17 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-_MAX_HEADER = 100 * 1024 * 1024
+# Every dtype the official library accepts (safetensors 0.6-0.8), with its size in bits. The ones
+# not in DTYPES are valid files that blockmerge cannot merge: "unsupported dtype", never "corrupt".
+KNOWN_DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+MAX_HEADER = 100_000_000  # the official library's limit (bytes)
+_U64 = (1 << 64) - 1
+_MAX_DEPTH = 128  # serde_json's recursion limit: deeper JSON is rejected by the official reader
 
 
 @dataclass(frozen=True)
@@ -65,18 +76,182 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class HeaderError(ValueError):
+    """Why a safetensors header is invalid (the reader turns it into a :class:`CheckpointError`)."""
+
+
+class _Float(float):
+    """A JSON number written with a fraction or exponent: never a valid shape or offset."""
+
+
+def _reject_constant(name: str) -> None:
+    raise HeaderError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise HeaderError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _check_text(obj: object, depth: int = 0) -> None:
+    """serde_json (the official reader) rejects what Python's json accepts: lone surrogate escapes
+    (``"\\ud800"``) and nesting deeper than 128."""
+    if isinstance(obj, dict | list) and depth >= _MAX_DEPTH - 1:  # serde counts the 128th container as too deep
+        raise HeaderError(f"JSON nested {_MAX_DEPTH} levels deep or more")
+    if isinstance(obj, str):
+        if any("\ud800" <= c <= "\udfff" for c in obj):
+            raise HeaderError(f"invalid Unicode (a lone surrogate escape) in {obj[:40]!r}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_text(k, depth + 1)
+            _check_text(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_text(v, depth + 1)
+
+
+def _u64(v: object, what: str) -> int:
+    if type(v) is not int:
+        got = "a fraction" if isinstance(v, float) else type(v).__name__.replace("NoneType", "null")
+        raise HeaderError(f"{what} must be non-negative integers, got {got} {v!r}"[:200])
+    if v < 0:
+        raise HeaderError(f"{what} must be non-negative integers, got {v}")
+    if v > _U64:
+        raise HeaderError(f"{what}: {v} does not fit in 64 bits")
+    return v
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as the header describes it (any valid dtype name, even one torch lacks)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(raw: bytes, data_len: int) -> tuple[list[HeaderEntry], dict[str, str]]:
+    """Validate a safetensors header the way the official library does; raise :class:`HeaderError`.
+
+    ``raw`` is the header's bytes (after the 8-byte length), ``data_len`` the number of bytes after
+    it. Accepted exactly when ``safetensors`` accepts the file, except that duplicate keys are
+    always refused (the official reader keeps the last one silently, which makes the file mean two
+    things). Checked: UTF-8; strict JSON (no NaN, no lone surrogates, depth <= 128); an object whose
+    ``__metadata__`` is null or maps strings to strings, and whose other values are tensor entries
+    with a known ``dtype``, a ``shape`` of unsigned 64-bit integers and two ``data_offsets``; the
+    entries, sorted by offsets, tile the data exactly (no overlap, no hole, nothing after the last),
+    and each one's size is its shape times its dtype's size, without overflow.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderError(f"the header is not valid UTF-8 (byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_float=_Float)
+    except json.JSONDecodeError as e:
+        raise HeaderError(f"the header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except RecursionError:
+        raise HeaderError(f"JSON nested {_MAX_DEPTH} levels deep or more") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"the header is a JSON {type(header).__name__}, not an object")
+    _check_text(header)
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise HeaderError("__metadata__ must map strings to strings")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise HeaderError(f"__metadata__[{k!r}] must be a string, not {type(v).__name__.replace('NoneType', 'null')}")
+    entries: list[HeaderEntry] = []
+    for key, entry in header.items():
+        where = f"tensor {key!r}"
+        if not isinstance(entry, dict):
+            raise HeaderError(f"{where}: the entry must be an object with dtype, shape and data_offsets")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in entry:
+                raise HeaderError(f"{where}: missing field {field!r}")
+        dtype = entry["dtype"]
+        if not isinstance(dtype, str) or dtype not in KNOWN_DTYPE_BITS:
+            raise HeaderError(f"{where}: unknown dtype {dtype!r}"[:200])
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list):
+            raise HeaderError(f"{where}: shape must be a list of non-negative integers")
+        if not isinstance(offs, list) or len(offs) != 2:
+            raise HeaderError(f"{where}: data_offsets must be two non-negative integers [begin, end]")
+        dims = tuple(_u64(s, f"{where}: shape") for s in shape)
+        begin, end = (_u64(o, f"{where}: data_offsets") for o in offs)
+        entries.append(HeaderEntry(key, dtype, dims, begin, end))
+    pos = 0
+    for e in sorted(entries, key=lambda x: (x.begin, x.end)):
+        where = f"tensor {e.key!r}"
+        if e.begin != pos or e.end < e.begin:
+            if e.begin < pos:
+                raise HeaderError(f"{where}: its data (bytes {e.begin}-{e.end}) overlaps the previous tensor's "
+                                  f"(which ends at {pos})")
+            if e.end < e.begin:
+                raise HeaderError(f"{where}: data_offsets end {e.end} is before begin {e.begin}")
+            raise HeaderError(f"{where}: a hole of {e.begin - pos} bytes before its data (offsets must tile the data)")
+        n = 1
+        for s in e.shape:
+            n *= s
+            if n > _U64:
+                raise HeaderError(f"{where}: shape {list(e.shape)} overflows (more than 2^64 elements)")
+        bits = n * KNOWN_DTYPE_BITS[e.dtype]
+        if bits > _U64:
+            raise HeaderError(f"{where}: shape {list(e.shape)} of {e.dtype} overflows (more than 2^64 bytes)")
+        if bits % 8 or bits // 8 != e.end - e.begin:
+            raise HeaderError(f"{where}: {e.end - e.begin} bytes of data do not hold shape {list(e.shape)} of {e.dtype}")
+        pos = e.end
+    if pos != data_len:
+        if pos > data_len:
+            raise HeaderError(f"truncated: the header describes {pos} bytes of tensor data, the file holds {data_len}")
+        raise HeaderError(f"{data_len - pos} bytes after the last tensor's data (the file is not fully covered)")
+    return entries, meta
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, a buffer larger than the memory available (on Linux, with memory
+    overcommit the allocation itself would succeed and the kernel kill the process later)."""
+    if nbytes < (64 << 20):
+        return
+    avail = _available_memory()
+    if avail is not None and nbytes > avail:
+        raise CheckpointError(f"{what} needs {nbytes / 2**30:.1f} GiB of memory, more than the "
+                              f"{avail / 2**30:.1f} GiB available")
+
+
 class SafetensorsReader:
     """Reads a .safetensors file tensor by tensor with positioned reads (no mmap, no full load)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        check_input_file(self.path, error=CheckpointError)
         try:
             self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open: {e.strerror or e}") from None
         try:
             self._tensors, self.metadata = self._parse_header()
-        except Exception:
+        except BaseException:
             self._f.close()
             raise
 
@@ -85,39 +260,32 @@ class SafetensorsReader:
         head = self._f.read(8)
         bad = f"{self.path}: not a valid safetensors file"
         if len(head) < 8:
-            raise CheckpointError(f"{bad} (too short)")
+            raise CheckpointError(f"{bad} (too short: {size} bytes)" if size else f"{self.path}: empty file, not a checkpoint")
         (n,) = struct.unpack("<Q", head)
-        if n <= 1 or n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{bad} (bad header length {n}; truncated or not safetensors)")
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{bad} (header length {n} is over the {MAX_HEADER}-byte limit; not safetensors?)")
+        if 8 + n > size:
+            raise CheckpointError(f"{bad} (header length {n} is past the end of the {size}-byte file; "
+                                  "truncated or not safetensors)")
         raw = self._f.read(n)
+        if len(raw) != n:
+            raise CheckpointError(f"{self.path}: truncated while reading the header")
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{bad} (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{bad} (header is not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise CheckpointError(f"{bad} (__metadata__ must map strings to strings)")
+            entries, meta = parse_header(raw, size - 8 - n)
+        except HeaderError as e:
+            msg = str(e)
+            if msg.startswith("truncated"):
+                raise CheckpointError(f"{self.path}: {msg}") from None
+            raise CheckpointError(f"{bad} ({msg})") from None
         data_start = 8 + n
-        data_len = size - data_start
         tensors: dict[str, TensorInfo] = {}
-        for key, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{bad} (bad header entry for {key!r})") from None
-            info = TensorInfo(key, dtype, shape, data_start + begin, end - begin)
-            if begin < 0 or end < begin or any(s < 0 for s in shape):
-                raise CheckpointError(f"{bad} (bad offsets for {key!r})")
-            if end > data_len:
-                raise CheckpointError(f"{self.path}: truncated safetensors file (tensor {key!r} lies past the end)")
-            if info.numel * _itemsize(dtype) != end - begin:
-                raise CheckpointError(f"{bad} (size of {key!r} does not match its shape and dtype)")
-            tensors[key] = info
-        return tensors, {str(k): str(v) for k, v in meta.items()}
+        for e in entries:
+            dtype = DTYPES.get(e.dtype)
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: tensor {e.key!r} has unsupported dtype {e.dtype} "
+                                      f"(blockmerge reads {', '.join(DTYPES)})")
+            tensors[e.key] = TensorInfo(e.key, dtype, e.shape, data_start + e.begin, e.end - e.begin)
+        return tensors, dict(meta)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -132,6 +300,7 @@ class SafetensorsReader:
         info = self._tensors[key]
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
+        check_allocation(info.nbytes, f"{self.path}: tensor {key!r}")
         # Read straight into the tensor's own (uninitialised) storage: no zero-fill, no extra copy.
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         got = os.preadv(self._f.fileno(), [memoryview(raw.numpy())], info.offset)
@@ -164,6 +333,12 @@ class SafetensorsReader:
         self.close()
 
 
+def _scalar_text(s: str) -> str:
+    if not any("\ud800" <= c <= "\udfff" for c in s):
+        return s
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s)
+
+
 def build_header(
     entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     metadata: Mapping[str, str] | None,
@@ -173,7 +348,9 @@ def build_header(
     writer, and at least to ``pad_to`` bytes) and each tensor's byte size in file order."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        # A file name's undecodable bytes reach Python as lone surrogates, which JSON can escape but
+        # the official reader (and every strict one) rejects: write U+FFFD instead.
+        header["__metadata__"] = {_scalar_text(str(k)): _scalar_text(str(v)) for k, v in metadata.items()}
     offset = 0
     sizes: list[tuple[str, int]] = []
     for key, dtype, shape in entries:

@@ -1,4 +1,4 @@
-"""Reading the small text files users hand us (presets, recipes, infotexts)."""
+"""Reading the small text files users hand us (presets, recipes, infotexts, prompt files, Merge Board text)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,32 @@ import os
 from pathlib import Path
 
 from ..errors import BlockmergeError
+from .inputs import check_input_file
+
+# Presets, recipes and prompts are a few KB. A multi-GB file given by mistake (a checkpoint passed
+# as --prompt-file) is refused before it is read instead of filling the memory.
+MAX_TEXT_BYTES = 16 << 20
 
 
 def read_user_text(
-    path: str | os.PathLike[str], label: str, error: type[BlockmergeError] = BlockmergeError
+    path: str | os.PathLike[str], label: str, error: type[BlockmergeError] = BlockmergeError,
+    max_bytes: int = MAX_TEXT_BYTES,
 ) -> str:
-    """UTF-8 text of ``path``, or ``error`` with one line naming ``label`` (e.g. ``--presets x.tsv``)."""
+    """UTF-8 text of ``path``, or ``error`` with one line naming ``label`` (e.g. ``--presets x.tsv``).
+
+    Refused: a missing file, a folder, a FIFO or device (which would block), a file over
+    ``max_bytes``, bytes that are not UTF-8. The file is recorded as an input of the command.
+    """
+    st = check_input_file(path, label, error)
+    if st.st_size > max_bytes:
+        raise error(f"{label}: is {st.st_size / 2**20:.0f} MiB; a text file of at most "
+                    f"{max_bytes / 2**20:.0f} MiB is expected")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise error(f"{label}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise error(f"{label}: not UTF-8 text") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{label}: not UTF-8 text (byte {e.start})") from None
+    return text.removeprefix("\ufeff")  # a BOM some editors write

@@ -224,6 +224,7 @@ def write_source(
     allow_non_finite: bool = False,
     report: Any = None,
     stats: dict[str, int] | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
@@ -262,11 +263,11 @@ def write_source(
                 for t, tensor, _ in _run_tasks(worker, tasks, threads):
                     sd[t.key] = tensor.contiguous()
                     bar.update(tensor.numel() * tensor.element_size())
-                with atomic_write(out) as f:
+                with atomic_write(out, overwrite=overwrite) as f:
                     torch.save({"state_dict": sd}, f)
                 worker.warn(report)
                 return total
-            with atomic_write(out) as f:
+            with atomic_write(out, overwrite=overwrite) as f:
                 writer = SafetensorsStreamWriter(f, entries, metadata)
                 for t, tensor, buf in _run_tasks(worker, tasks, threads):
                     if t.whole:
@@ -359,6 +360,7 @@ def write_hashed(
     allow_non_finite: bool = False,
     report: Any = None,
     stats: dict[str, int] | None = None,
+    overwrite: bool = False,
 ) -> tuple[int, dict[str, str]]:
     """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
     and the final metadata.
@@ -378,6 +380,7 @@ def write_hashed(
     written = write_source(
         source, output, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
         progress=progress, threads=threads, allow_non_finite=allow_non_finite, report=report, stats=stats,
+        overwrite=overwrite,
     )
     if not final:
         final.update(make_metadata(hasher.join()))
@@ -473,7 +476,7 @@ def merge(
 
         written, final = write_hashed(
             node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads,
-            allow_non_finite=allow_non_finite, report=report,
+            allow_non_finite=allow_non_finite, report=report, overwrite=overwrite,
         )
         return MergeResult(out, arch.name, m.name, pv, len(node.keys()), written, report, final)
 

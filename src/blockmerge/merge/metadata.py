@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from ..errors import CheckpointError
 
 RECORD_KEY = "blockmerge"
 PLACEHOLDER_LEGACY = "0" * 8
@@ -115,13 +116,56 @@ def _is_json(text: str | None) -> bool:
     return True
 
 
-def read_record(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """blockmerge's own merge record from a file's metadata, if it has one."""
+def read_record(metadata: Mapping[str, str], source: str = "file") -> dict[str, Any] | None:
+    """blockmerge's own merge record from a file's metadata, if it has one.
+
+    A record that is there but malformed (another tool's, or edited by hand: ``alpha`` a string,
+    ``inputs`` not a list...) is a :class:`CheckpointError` naming ``source`` and the field, never a
+    crash in whatever reads it next (``info``, ``info --recipe``).
+    """
     raw = metadata.get(RECORD_KEY)
-    if not raw or not _is_json(raw):
+    if not raw:
         return None
-    rec = json.loads(raw)
-    return rec if isinstance(rec, dict) else None
+    bad = f"{source}: its blockmerge merge record (metadata {RECORD_KEY!r})"
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{bad} is not valid JSON") from None
+    if not isinstance(rec, dict):
+        raise CheckpointError(f"{bad} is not a JSON object")
+    for key in ("method", "formula", "architecture", "dtype", "format", "version", "tool", "recipe", "space"):
+        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
+            raise CheckpointError(f"{bad}: {key!r} must be text, not {_type(rec[key])}")
+    params = rec.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"{bad}: 'params' must map parameter names to block values, not {_type(params)}")
+    named = [(k, rec.get(k)) for k in ("alpha", "beta")] + [(f"params.{k}", v) for k, v in (params or {}).items()]
+    for key, w in named:
+        if w is None:
+            continue
+        if not isinstance(w, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) for k, v in w.items()
+        ):
+            raise CheckpointError(f"{bad}: {key!r} must map block names to numbers")
+    rules = rec.get("rules")
+    if rules is not None and not (isinstance(rules, dict) and all(
+            isinstance(v, list) and all(isinstance(r, str) for r in v) for v in rules.values())):
+        raise CheckpointError(f"{bad}: 'rules' must map parameter names to lists of rule texts")
+    inputs = rec.get("inputs", [])
+    if not isinstance(inputs, list):
+        raise CheckpointError(f"{bad}: 'inputs' must be a list, not {_type(inputs)}")
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(f), str) for f in ("role", "name", "sha256", "legacy_hash")
+        ):
+            raise CheckpointError(f"{bad}: inputs[{i}] must have text fields role, name, sha256 and legacy_hash")
+    return rec
+
+
+def _type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, int | float) else type(v).__name__
+    )
 
 
 def space_of(metadata: Mapping[str, str] | None) -> str:

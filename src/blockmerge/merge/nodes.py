@@ -26,6 +26,7 @@ from .params import check_rules, values_for
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
 def vae_prefix(arch: Architecture) -> str:
@@ -363,7 +364,14 @@ class MergeNode:
 
     def sliceable(self, key: str) -> bool:
         """Elementwise merges (and copies) can be computed slice by slice of the flat tensor; a
-        whole-tensor method only where it copies A (identity values)."""
+        whole-tensor method only where it copies A (identity values). Memoised, as :meth:`info`:
+        without it a recipe's chain asks its operands once per use (exponential in steps)."""
+        memo = self.__dict__.setdefault("_sliceable_memo", {})
+        if key not in memo:
+            memo[key] = self._sliceable(key)
+        return memo[key]
+
+    def _sliceable(self, key: str) -> bool:
         plan = self._plan[key]
         if plan == "partial" or (plan == "copy" and self.fix_position_ids and key.endswith("position_ids")):
             return False
@@ -468,7 +476,7 @@ class OverlayNode:
             if has_prefix:
                 if k.startswith(prefix):
                     self._map[k] = k
-            elif not k.startswith(("model.", "cond_stage_model.", "conditioner.", "model_ema.")):
+            elif k.startswith(_VAE_PARTS):  # a standalone VAE file: encoder.*, decoder.*, quant convs
                 self._map[prefix + k] = k
         src = getattr(overlay, "path", "VAE")
         if not self._map:

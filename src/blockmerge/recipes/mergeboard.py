@@ -32,7 +32,7 @@ _SYSTEM = re.compile(r"^__O(\d+)__$")
 _USER = re.compile(r"^__(.+)__$")
 _A1111_TITLE = re.compile(r"^(.*?)\s*\[[0-9a-fA-F]{8,10}\]$")  # "name.safetensors [abcd1234]"
 _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-_BAD_NAME = re.compile(r'[\\/:?"<>|*\s]')  # Merge Board replaces these in output names
+_BAD_NAME = re.compile(r'[\\/:?"<>|*\s\x00-\x1f\x7f]')  # Merge Board replaces these in output names (and controls)
 
 
 def _input_name(token: str) -> str:

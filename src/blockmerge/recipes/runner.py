@@ -25,7 +25,7 @@ import torch
 
 from ..architectures import Architecture
 from ..errors import BlockmergeError
-from ..io import check_output_path, file_hashes, open_checkpoint
+from ..io import check_output_path, file_hashes, input_guard, open_checkpoint
 from ..io.text import read_user_text
 from ..merge.executor import (
     check_position_ids,
@@ -58,12 +58,13 @@ class Recipe:
     spec: RecipeSpec
     base_dir: Path
     source: str = "recipe"
+    path: Path | None = None  # the recipe file, never to be written over
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     p = Path(path)
     text = read_user_text(p, str(p), RecipeError)
-    return Recipe(parse_recipe(text, str(p)), p.resolve().parent, str(p))
+    return Recipe(parse_recipe(text, str(p)), p.resolve().parent, str(p), p)
 
 
 def recipe_from_text(text: str, base_dir: str | os.PathLike[str] = ".", source: str = "recipe") -> Recipe:
@@ -353,10 +354,12 @@ def run_recipe(
             targets.append(p)
         else:
             targets.append(p if p.is_absolute() else out_dir / p)
+    _check_distinct_outputs(targets, src)
     results: list[RecipeOutput] = []
     with contextlib.ExitStack() as stack:
+        stack.enter_context(input_guard())
         plan = _plan(rec, stack, presets)
-        all_inputs = list(plan.paths.values())
+        all_inputs = list(plan.paths.values()) + ([rec.path] if rec.path is not None else [])
         vae_readers: dict[str, Any] = {}
         for j, (o, target) in enumerate(zip(outs, targets, strict=True)):
             check_output_path(target, all_inputs, overwrite, arg=f"output #{j + 1}")
@@ -392,13 +395,30 @@ def run_recipe(
                     raise RecipeError(f"{src}: output {target.name}: vae {o.vae!r}: {e}") from None
             fmt = output_format(target, o.format)
             results.append(_write_output(plan, node, target, step, o.dtype, fmt, o.vae, progress, threads,
-                                         allow_non_finite))
+                                         allow_non_finite, overwrite))
     return results
+
+
+def _check_distinct_outputs(targets: Sequence[Path], src: str) -> None:
+    """Two outputs naming one file (``d.safetensors`` and ``./d.safetensors``, a symlink to it, a hard
+    link of it) would have the second silently replace the first: an error before any work."""
+    seen: dict[object, tuple[int, Path]] = {}
+    for j, t in enumerate(targets):
+        ids: list[object] = [os.path.realpath(t)]
+        with contextlib.suppress(OSError):
+            st = os.stat(t)
+            ids.append((st.st_dev, st.st_ino))
+        for ident in ids:
+            if ident in seen:
+                i, other = seen[ident]
+                raise RecipeError(f"{src}: outputs #{i + 1} ({other}) and #{j + 1} ({t}) are the same file")
+        for ident in ids:
+            seen[ident] = (j, t)
 
 
 def _write_output(
     plan: _Plan, node: Source, target: Path, step: str, dtype: str, fmt: str, vae: str | None,
-    progress: bool, threads: int, allow_non_finite: bool = False,
+    progress: bool, threads: int, allow_non_finite: bool = False, overwrite: bool = False,
 ) -> RecipeOutput:
     spec = plan.recipe.spec
     inputs, steps = plan.needed(step, vae)
@@ -445,7 +465,8 @@ def _write_output(
 
     out_report = MergeReport()
     written, final = write_hashed(node, target, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress,
-                                  threads=threads, allow_non_finite=allow_non_finite, report=out_report)
+                                  threads=threads, allow_non_finite=allow_non_finite, report=out_report,
+                                  overwrite=overwrite)
     rec = read_record(final) or {}
     return RecipeOutput(target, step, plan.arch.name, len(node.keys()), written, str(rec.get("recipe", "")),
                         final, [*plan.warnings, *out_report.warnings])
@@ -454,7 +475,7 @@ def _write_output(
 def embedded_recipe(path: str | os.PathLike[str]) -> str | None:
     """The recipe text blockmerge embedded in a merged file (None for files without one)."""
     with open_checkpoint(path) as r:
-        rec = read_record(r.metadata)
+        rec = read_record(r.metadata, str(path))
     if not rec or not rec.get("recipe"):
         return None
     return str(rec["recipe"])

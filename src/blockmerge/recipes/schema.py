@@ -44,6 +44,9 @@ from ..errors import BlockmergeError
 from ..merge.methods import METHODS
 
 RECIPE_VERSION = 1
+# Each step adds a few Python frames to the computation of every key (nodes call their operands),
+# and Python's default limit of 1000 frames is reached at about 300 chained steps.
+MAX_STEPS = 200
 Number = float | int
 WeightValue = Number | list[Number] | str
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -157,6 +160,8 @@ def parse_recipe(text: str, source: str = "recipe") -> RecipeSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not valid TOML: nested too deeply") from None
     return recipe_from_data(data, source)
 
 
@@ -186,6 +191,8 @@ def recipe_from_data(data: Mapping[str, Any], source: str = "recipe") -> RecipeS
 def check_graph(spec: RecipeSpec, source: str = "recipe") -> list[int]:
     """Names, references, model counts and cycles; returns the step indices in an order where every
     step comes after the steps it uses."""
+    if len(spec.steps) > MAX_STEPS:
+        raise RecipeError(f"{source}: {len(spec.steps)} steps; a recipe may have at most {MAX_STEPS}")
     names = step_names(spec)
     for n in list(spec.inputs) + names:
         if not n or n != n.strip() or any(c.isspace() for c in n):
@@ -288,6 +295,11 @@ def toml_value(v: Any) -> str:
             raise RecipeError(f"{v} cannot be written to a recipe")
         return repr(v)
     if isinstance(v, str):
+        if any("\ud800" <= c <= "\udfff" for c in v):
+            # A file name's undecodable bytes: TOML (UTF-8 only) cannot hold them, and writing U+FFFD
+            # would name another file.
+            raise RecipeError(f"{v.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8 and "
+                              "cannot be written to a recipe (rename the file)")
         # JSON string escapes are a subset of TOML's basic-string escapes; DEL is the one control
         # character JSON leaves raw and TOML forbids.
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
@@ -299,9 +311,18 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+_COMMENT_BAD = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def toml_comment(text: str) -> str:
+    """``text`` as the body of one TOML comment line: a newline (or any control character, which TOML
+    forbids in comments) in a file name or a note must not end the comment and start TOML of its own."""
+    return _COMMENT_BAD.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), str(text))
+
+
 def to_toml(data: Mapping[str, Any], header: Sequence[str] = ()) -> str:
     """A recipe mapping (``RecipeSpec.model_dump`` shape, None values left out) as TOML text."""
-    lines = [f"# {h}" if h else "#" for h in header]
+    lines = [f"# {toml_comment(h)}" if h else "#" for h in header]
     for k, v in data.items():
         if v is None or k in ("inputs", "steps", "outputs"):
             continue

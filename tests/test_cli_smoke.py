@@ -1,0 +1,140 @@
+"""Every command the README names, run once on the bundled models, with its output checked.
+
+A command that crashes on start (``blockmerge models`` once did: ``'BundledModel' object has no
+attribute 'description'``) cannot land again: the list of commands run here must equal the list the
+README names, so a new documented command without a run here fails too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from blockmerge.cli import main
+from blockmerge.models import list_models, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]
+
+PROMPT = "a large red circle on the left, white background\nSteps: 4, Sampler: Euler a, CFG scale: 6, Size: 64x64"
+
+
+def documented_commands() -> set[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return set(re.findall(r"(?m)(?:^|`|&& )blockmerge ([a-z][a-z-]+)", text))
+
+
+def run(capsys, *args: object) -> tuple[str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "internal error" not in err and "Traceback" not in err
+    # the libraries' chatter (transformers' "requires torchvision" lines, deprecations) never reaches the user
+    assert "torchvision" not in err and "Warning" not in err, err
+    return out, err
+
+
+def test_every_readme_command_runs_on_the_bundled_models(tmp_path: Path, capsys) -> None:
+    a, b = resolve_model("tiny-a"), resolve_model("tiny-b")
+    done: set[str] = set()
+
+    out, _ = run(capsys, "models")
+    names = [m.name for m in list_models()]
+    assert all(n in out for n in names) and "flat-filled shapes" in out and "outline" in out
+    done.add("models")
+
+    merged = tmp_path / "m.safetensors"
+    out, _ = run(capsys, "merge", a, b, "-o", merged, "--alpha", "GRAD_V", "--base-alpha", "0.3")
+    assert f"wrote {merged}" in out
+    with safe_open(merged, "pt") as f:
+        assert json.loads(f.metadata()["blockmerge"])["method"] == "weighted_sum"
+    done.add("merge")
+
+    out, _ = run(capsys, "blocks", merged)
+    assert "IN00" in out and "OUT11" in out and "BASE" in out
+    done.add("blocks")
+
+    out, _ = run(capsys, "info", merged)
+    assert "SD1" in out and "merge:        weighted_sum" in out
+    done.add("info")
+
+    out, _ = run(capsys, "hash", a, "--no-cache")
+    assert re.search(r"^[0-9a-f]{8}  [0-9a-f]{10}  [0-9a-f]{64}  ", out.splitlines()[1])
+    done.add("hash")
+
+    out, _ = run(capsys, "presets")
+    assert "GRAD_V" in out
+    done.add("presets")
+
+    syn = tmp_path / "syn.safetensors"
+    out, _ = run(capsys, "synthetic", syn, "--seed", "3")
+    assert syn.stat().st_size > 100_000 and "synthetic tiny SD1" in out
+    done.add("synthetic")
+
+    gen = tmp_path / "gen"
+    out, _ = run(capsys, "generate", "-o", gen, "--prompt", "a small blue square in the center, gray background",
+                 "--seed", "1", "--steps", "3")
+    pngs = sorted(gen.glob("*.png"))
+    assert len(pngs) == 1 and str(pngs[0]) in out
+    done.add("generate")
+
+    sweep = tmp_path / "sweep"
+    out, err = run(capsys, "sweep", "tiny-a", "-o", sweep, "--prompt", PROMPT, "--seeds", "1", "--scale", "0.5",
+                   "--blocks", "IN00,M00", "-q")
+    assert (sweep / "index.html").is_file() and "3 images" in err
+    done.add("sweep")
+
+    out, _ = run(capsys, "report", sweep)
+    assert f"report: {sweep.resolve() / 'index.html'}" in out
+    done.add("report")
+
+    demo = tmp_path / "demo"
+    out, _ = run(capsys, "demo", "--quick", "-q", "-o", demo)
+    assert (demo / "index.html").is_file() and (demo / "reverse" / "index.html").is_file()
+    done.add("demo")
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'version = 1\n[inputs.A]\npath = "{a}"\n[inputs.B]\npath = "{b}"\n'
+                      '[[steps]]\nname = "ab"\nmodels = ["A", "B"]\nalpha = 0.4\n'
+                      '[[outputs]]\npath = "ab.safetensors"\n', encoding="utf-8")
+    out, _ = run(capsys, "run", recipe)
+    assert (tmp_path / "ab.safetensors").is_file()
+    done.add("run")
+
+    out, _ = run(capsys, "info", "--recipe", tmp_path / "ab.safetensors")
+    assert tomllib.loads(out)["steps"][0]["alpha"] == 0.4
+
+    board = tmp_path / "board.txt"
+    board.write_text("mix = __A__ + __B__, 0.3\n", encoding="utf-8")
+    out, _ = run(capsys, "import-mergeboard", board, "--model", f"A={a}", "--model", f"B={b}",
+                 "-o", tmp_path / "board.toml")
+    assert tomllib.loads((tmp_path / "board.toml").read_text())["steps"][0]["alpha"] == 0.3
+    done.add("import-mergeboard")
+
+    out, _ = run(capsys, "compare", a, b, "--svg", tmp_path / "map.svg")
+    assert "IN00" in out and (tmp_path / "map.svg").read_text().startswith("<svg")
+    done.add("compare")
+
+    assert done == documented_commands(), (documented_commands() - done, done - documented_commands())
+
+
+def test_a_command_prints_nothing_of_the_libraries_to_the_terminal(tmp_path: Path) -> None:
+    """In a fresh process (where transformers is imported for the first time), no "requires
+    torchvision" lines, no deprecation warnings: stderr is empty; with --debug they may show."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BLOCKMERGE_CACHE": str(tmp_path / "cache")}
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "PYTHONWARNINGS"):
+        env.pop(var, None)
+    r = subprocess.run([sys.executable, "-m", "blockmerge", "generate", "-o", str(tmp_path / "g"), "--prompt",
+                        "a red circle", "--seed", "1", "--steps", "2", "-q"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert len(list((tmp_path / "g").glob("*.png"))) == 1
