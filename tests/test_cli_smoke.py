@@ -116,6 +116,24 @@ def test_every_readme_command_runs_on_the_bundled_models(tmp_path: Path, capsys)
     assert tomllib.loads((tmp_path / "board.toml").read_text())["steps"][0]["alpha"] == 0.3
     done.add("import-mergeboard")
 
+    import sd_mecha  # the test extra's sd-mecha writes the .mecha text, as its users would have it
+
+    mecha = tmp_path / "r.mecha"
+    mecha.write_text(sd_mecha.serialize(sd_mecha.weighted_sum(sd_mecha.model(str(a), "sd1-ldm"),
+                                                              sd_mecha.model(str(b), "sd1-ldm"), alpha=0.35),
+                                        finalize=False), encoding="utf-8")
+    out, _ = run(capsys, "import-mecha", mecha, "-o", tmp_path / "mecha.toml")
+    step = tomllib.loads((tmp_path / "mecha.toml").read_text())["steps"][0]
+    assert step["method"] == "weighted_sum" and step["alpha"] == 0.35
+    done.add("import-mecha")
+
+    out, _ = run(capsys, "methods", "--json")
+    listed = {m["name"]: m for m in json.loads(out)}
+    assert {"weighted_sum", "add_difference", "ties", "slerp"} <= set(listed)
+    out, _ = run(capsys, "methods")
+    assert all(name in out for name in listed)
+    done.add("methods")
+
     out, _ = run(capsys, "compare", a, b, "--svg", tmp_path / "map.svg")
     assert "IN00" in out and (tmp_path / "map.svg").read_text().startswith("<svg")
     done.add("compare")
