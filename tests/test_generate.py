@@ -111,10 +111,22 @@ def test_generate_command(tiny_sd1_paths, tmp_path, capsys):
     assert all(i.steps == 2 and i.sampler == "DDIM" and i.cfg_scale == 6 and i.size == (64, 64) for i in infos)
     assert all("Face restoration" not in i.params for i in infos)
     assert Image.open(pngs[0]).size == (64, 64)
-    # --from-png reproduces an image exactly
-    again = tmp_path / "again"
-    assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(again), "--from-png", str(pngs[1]), "-q"]) == 0
-    assert np.array_equal(_px(Image.open(next(again.glob("*.png")))), _px(Image.open(pngs[1])))
+    # A1111's batch fields: seeds 3, 4 were one batch of 2, seed 5 a batch of its own
+    assert [(i.params.get("Batch size"), i.params.get("Batch pos")) for i in infos] == [("2", "0"), ("2", "1"), (None, None)]
+    # --from-png reproduces an image exactly: a batched one in a batch of the same size, at its place
+    for png in pngs[1:]:
+        again = tmp_path / f"again-{png.stem}"
+        assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(again), "--from-png", str(png), "-q"]) == 0
+        (out_png,) = again.glob("*.png")
+        assert np.array_equal(_px(Image.open(out_png)), _px(Image.open(png)))
+        assert read_png_infotext(out_png) == read_png_infotext(png)
+    # drawn alone instead (--batch-size 1), the batched image may differ by float rounding only
+    alone = tmp_path / "alone"
+    assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(alone), "--from-png", str(pngs[1]), "-q",
+                 "--batch-size", "1"]) == 0
+    (out_png,) = alone.glob("*.png")
+    assert np.abs(_px(Image.open(out_png)) - _px(Image.open(pngs[1]))).max() <= 1
+    assert "Batch size" not in parse_infotext(read_png_infotext(out_png)).params
 
 
 @pytest.mark.parametrize(
@@ -234,3 +246,35 @@ def test_sdxl_prompts_take_the_a1111_path(sdxl):
     assert not torch.allclose(weighted.conds[0][0][0][1].crossattn, cond.crossattn)  # emphasis applies
     long = encode_prompts(sdxl, GenerationParams(prompt="cat, " * 50 + "BREAK mat", steps=2))
     assert long.conds[0][0][0][1].crossattn.shape[0] == 77 * 3  # chunks and BREAK as in A1111
+
+
+@pytest.mark.parametrize("size,pos", [(2, 0), (2, 1), (4, 3), (8, 5)])
+def test_infotext_batch_is_redrawn_in_a_batch_of_its_size(size, pos):
+    from blockmerge.generation.generate import _batches
+    from blockmerge.generation.samplers import SAMPLERS
+
+    info = parse_infotext(f"x\nSteps: 2, Sampler: Euler, Seed: 100, Batch size: {size}, Batch pos: {pos}")
+    params = GenerationParams.from_infotext(info)
+    assert params.source_batch == (size, pos)
+    spec = SAMPLERS["Euler"]
+    assert list(_batches([100, 7], params, spec, None)) == [
+        ([100 - pos + j for j in range(size)], frozenset({pos})),
+        ([7 - pos + j for j in range(size)] if 7 - pos >= 0 else [7] * size, frozenset({pos})),
+    ]
+    # an explicit batch size wins; DPM adaptive always draws alone
+    assert list(_batches([100, 7], params, spec, 1)) == [([100], frozenset({0})), ([7], frozenset({0}))]
+    assert list(_batches([100, 7], params, SAMPLERS["DPM adaptive"], None)) == [([100], frozenset({0})), ([7], frozenset({0}))]
+
+
+@pytest.mark.parametrize("fields,note", [("Batch size: 2, Batch pos: 2", "Batch pos"), ("Batch size: 3", "Batch pos"),
+                                         ("Batch size: 65, Batch pos: 0", "over 64")])
+def test_infotext_batch_that_cannot_be_redrawn_is_a_warning(fields, note):
+    info = parse_infotext(f"x\nSteps: 2, Sampler: Euler, Seed: 1, {fields}")
+    params = GenerationParams.from_infotext(info)
+    assert params.source_batch is None
+    assert any(note in n for n in params.ignored)
+
+
+def test_infotext_batch_malformed_is_an_error():
+    with pytest.raises(BlockmergeError, match="Batch size"):
+        GenerationParams.from_infotext(parse_infotext("x\nSteps: 2, Sampler: Euler, Batch size: two, Batch pos: 0"))

@@ -40,6 +40,10 @@ def _params_from_args(args: argparse.Namespace):
         schedule_type=args.schedule_type, rng=args.rng, ensd=args.ensd, emphasis=args.emphasis,
         pad_conds=True if args.pad_conds else None,
     )
+    if seeds is not None:  # other seeds: the infotext's batch neighbours mean nothing for them
+        from dataclasses import replace
+
+        params = replace(params, source_batch=None)
     return params
 
 

@@ -117,6 +117,9 @@ class GenerationParams:
     old_prompt_editing: bool = False
     downcast_alphas: bool = False
     zero_terminal_snr: bool = False
+    # (Batch size, Batch pos) of the image an infotext describes: batched convolutions round
+    # differently from one image at a time, so the image is redrawn in a batch of that size.
+    source_batch: tuple[int, int] | None = None
     # Warnings about the source infotext: what is not applied (never written as applied).
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
@@ -178,7 +181,7 @@ class GenerationParams:
 
     def infotext(self, seed: int, *, width: int, height: int, model: str | None = None,
                  model_hash: str | None = None, extra: dict[str, object] | None = None,
-                 applied: dict[str, object] | None = None) -> Infotext:
+                 applied: dict[str, object] | None = None, batch: tuple[int, int] | None = None) -> Infotext:
         """The A1111 infotext of one image made with these parameters.
 
         ``applied`` holds what only the run knows (the RNG that really drew, whether conds were
@@ -190,7 +193,7 @@ class GenerationParams:
         return Infotext.build(
             normalize_prompt(self.prompt), normalize_prompt(self.negative_prompt), steps=self.steps, sampler=name,
             schedule_type=schedule, cfg_scale=self.cfg_scale, seed=seed, width=width, height=height,
-            model_hash=model_hash, model=model, clip_skip=self.clip_skip,
+            model_hash=model_hash, model=model, clip_skip=self.clip_skip, batch=batch,
             extra={**fields_, **(extra or {}), "Version": f"blockmerge {__version__}"},
         )
 
@@ -344,29 +347,54 @@ def generate(
     from .samplers import SAMPLERS
 
     spec = SAMPLERS[params.sampler_name]
-    # DPM adaptive sizes its steps on the error of the whole batch: one image at a time, as A1111
-    # draws it at batch size 1.
-    bs = 1 if spec.function == "sample_dpm_adaptive" else max(1, batch_size or len(seeds))
     shape = (pipe.unet.config.in_channels, height // factor, width // factor)
     unet = _unet_call(loaded, width, height)
     model_name = Path(loaded.path).stem
     results: list[GeneratedImage] = []
-    for start in range(0, len(seeds), bs):
-        chunk = seeds[start:start + bs]
+    for chunk, keep in _batches(seeds, params, spec, batch_size):
         with torch.inference_mode():
             latents, applied = sample_batch(loaded, params, spec, unet, emb, chunk, shape)
         if not torch.isfinite(latents).all():
             raise BlockmergeError(f"sampler {params.sampler!r}: the latents are not finite (NaN/inf); no image written")
         pixels = _decode(loaded, latents)
         for i, (seed, img) in enumerate(zip(chunk, to_pil(pixels), strict=True)):
+            if i not in keep:
+                continue
             text = format_infotext(params.infotext(seed, width=width, height=height, model=model_name,
                                                    model_hash=loaded.short_hash, extra=extra_infotext,
-                                                   applied=applied))
+                                                   applied=applied, batch=(len(chunk), i)))
             g = GeneratedImage(seed, img, latents[i].float().cpu(), text)
             results.append(g)
             if on_image:
                 on_image(g)
     return results
+
+
+def _batches(seeds: Sequence[int], params: GenerationParams, spec: Any,
+             batch_size: int | None) -> Iterable[tuple[list[int], frozenset[int]]]:
+    """The U-Net batches to draw ``seeds`` in, each with the positions whose images are kept.
+
+    Batched convolutions round differently from one image at a time (measured here: one 8-bit step
+    on the bundled model with 2 threads), so an image an infotext says was drawn at ``Batch pos`` k
+    of a ``Batch size`` n batch is redrawn in a batch of n with its seed at k; the other places
+    hold A1111's neighbours (seed - k + j), whose images are dropped. DPM adaptive sizes its steps
+    on the error of the whole batch: one image at a time, as A1111 draws it at batch size 1.
+    """
+    if spec.function == "sample_dpm_adaptive":
+        for s in seeds:
+            yield [s], frozenset({0})
+        return
+    if params.source_batch is not None and params.source_batch[0] > 1 and batch_size is None:
+        n, k = params.source_batch
+        for s in seeds:
+            fill = [s - k + j for j in range(n)]
+            ok = all(0 <= f <= SEED_MAX and 0 <= f + params.ensd <= SEED_MAX for f in fill)
+            yield (fill if ok else [s] * n), frozenset({k})
+        return
+    bs = max(1, batch_size or len(seeds))
+    for start in range(0, len(seeds), bs):
+        chunk = list(seeds[start:start + bs])
+        yield chunk, frozenset(range(len(chunk)))
 
 
 def save_png(image: GeneratedImage, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -65,10 +65,11 @@ HONOURED_KEYS: frozenset[str] = frozenset({
     "Schedule rho", "Schedule min sigma", "Schedule max sigma", "Discard penultimate sigma",
     "Beta schedule alpha", "Beta schedule beta", "SGM noise multiplier", "Pad conds", "Pad conds v0",
     "Emphasis", "Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule", "First pass size",
+    "Batch size", "Batch pos",
 })
 #: Keys that describe the run but do not change the pixels (no warning needed).
 INFORMATIONAL_KEYS: frozenset[str] = frozenset({
-    "Model hash", "Model", "Version", "Module", "Batch size", "Batch pos", "Blockmerge variant", "User",
+    "Model hash", "Model", "Version", "Module", "Blockmerge variant", "User",
 })
 #: Keys A1111 writes for features blockmerge does not implement, and what they did.
 KNOWN_UNSUPPORTED: Mapping[str, str] = {
@@ -276,12 +277,14 @@ class Infotext:
         model_hash: str | None = None,
         model: str | None = None,
         clip_skip: int = 1,
+        batch: tuple[int, int] | None = None,
         extra: Mapping[str, object] | None = None,
     ) -> Infotext:
         """An infotext for an image blockmerge made, with keys in A1111's order.
 
-        A1111 writes Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model, ...,
-        Clip skip (only when not 1); ``extra`` keys follow (ENSD, RNG, Pad conds, ..., Version).
+        A1111 writes Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model, Batch
+        size and Batch pos (``batch``, only for batches of 2 or more), ..., Clip skip (only when not
+        1); ``extra`` keys follow (ENSD, RNG, Pad conds, ..., Version).
         """
         params: dict[str, str] = {"Steps": str(steps), "Sampler": sampler}
         if schedule_type is not None:
@@ -293,6 +296,8 @@ class Infotext:
             params["Model hash"] = model_hash
         if model is not None:
             params["Model"] = model
+        if batch is not None and batch[0] > 1:
+            params["Batch size"], params["Batch pos"] = str(batch[0]), str(batch[1])
         if clip_skip != 1:
             params["Clip skip"] = str(clip_skip)
         for key, value in (extra or {}).items():

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["a1111_version", "infotext_fields", "params_from_infotext"]
 
 _V160 = "1.6.0"
+#: The largest ``Batch size`` an infotext can ask blockmerge to redraw (A1111's UI allows 8; its API more).
+_MAX_SOURCE_BATCH = 64
 _V170_TSNR = "v1.7.0-225"
 
 
@@ -146,10 +148,19 @@ def params_from_infotext(info: Infotext) -> tuple[dict[str, Any], list[str]]:
             notes.append(f"{src}: Refiner (switch by sampling steps, A1111 < 1.8) is not applied")
 
     spec = SAMPLERS.get(kw.get("sampler", "Euler a"))
-    batch = info.params.get("Batch size", "1").strip()
-    if spec is not None and spec.function == "sample_dpm_adaptive" and batch not in ("", "1"):
-        notes.append(f"{src}: Batch size {batch} with DPM adaptive: A1111 sized its steps on the whole batch; "
-                     "blockmerge draws each image as A1111 does at batch size 1")
+    size_b, pos_b = info.int_field("Batch size"), info.int_field("Batch pos")
+    if size_b is not None and size_b > 1:
+        if spec is not None and spec.function == "sample_dpm_adaptive":
+            notes.append(f"{src}: Batch size {size_b} with DPM adaptive: A1111 sized its steps on the whole batch; "
+                         "blockmerge draws each image as A1111 does at batch size 1")
+        elif size_b > _MAX_SOURCE_BATCH:
+            notes.append(f"{src}: Batch size {size_b} is not reproduced (over {_MAX_SOURCE_BATCH}); the image is drawn "
+                         "at batch size 1, which can differ from it by rounding")
+        elif pos_b is None or not 0 <= pos_b < size_b:
+            notes.append(f"{src}: Batch size {size_b} without a Batch pos in 0..{size_b - 1} is not reproduced; the "
+                         "image is drawn at batch size 1, which can differ from it by rounding")
+        else:
+            kw["source_batch"] = (size_b, pos_b)
     for key in unsupported_fields(info):
         if key in ("Sampler", "Schedule type") or key.startswith("Hires ") or key == "First pass size":
             continue
