@@ -6,6 +6,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blockmerge.cli import main
@@ -278,3 +279,52 @@ def test_infotext_batch_that_cannot_be_redrawn_is_a_warning(fields, note):
 def test_infotext_batch_malformed_is_an_error():
     with pytest.raises(BlockmergeError, match="Batch size"):
         GenerationParams.from_infotext(parse_infotext("x\nSteps: 2, Sampler: Euler, Batch size: two, Batch pos: 0"))
+
+
+def _recorded_conds(loaded, params):
+    """The text conditioning the U-Net saw at each model call of one image."""
+    unet = loaded.pipeline.unet
+    seen = []
+    orig = unet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+        return orig(*args, **kwargs)
+
+    unet.forward = spy
+    try:
+        generate(loaded, params)
+    finally:
+        del unet.forward
+    return seen
+
+
+@pytest.mark.parametrize("sampler,steps,switch_after", [
+    # A1111 counts model calls (second-order samplers schedule over 2 x steps) and switches
+    # [from:to:0.5] after call int(0.5 * total): `current_step <= end_at` keeps the first text.
+    ("Euler", 6, 3), ("Heun", 3, 3), ("DPM2", 4, 4), ("DDIM", 5, 2),
+])
+def test_prompt_editing_switches_at_a1111s_model_call(sd1, sampler, steps, switch_after):
+    base = dict(negative_prompt="blue", steps=steps, sampler=sampler, seeds=(3,), width=64, height=64)
+    edited = _recorded_conds(sd1, GenerationParams(prompt="[a green square:a red circle:0.5]", **base))
+    first = _recorded_conds(sd1, GenerationParams(prompt="a green square", **base))[0]
+    second = _recorded_conds(sd1, GenerationParams(prompt="a red circle", **base))[0]
+    assert not torch.equal(first, second)
+    which = ["from" if torch.equal(c, first) else "to" if torch.equal(c, second) else "?" for c in edited]
+    assert which == ["from"] * (switch_after + 1) + ["to"] * (len(edited) - switch_after - 1)
+
+
+def test_alternation_and_and_reach_the_unet(sd1):
+    base = dict(steps=4, sampler="Euler", seeds=(3,), width=64, height=64, cfg_scale=6)
+    alt = _recorded_conds(sd1, GenerationParams(prompt="a [green|red] square", **base))
+    g = _recorded_conds(sd1, GenerationParams(prompt="a green square", **base))[0]
+    r = _recorded_conds(sd1, GenerationParams(prompt="a red square", **base))[0]
+    # [a|b] alternates by schedule step (1-based, args[(step - 1) % 2]) and the denoiser takes the
+    # first entry with call <= end: A1111 draws calls 0..3 with green, green, red, green
+    which = ["g" if torch.equal(c, g) else "r" if torch.equal(c, r) else "?" for c in alt]
+    assert which == ["g", "g", "r", "g"]
+    # AND: both prompts are in every call's batch (composable diffusion), beside the negative
+    both = _recorded_conds(sd1, GenerationParams(prompt="a green square AND a red circle :0.5", **base))
+    circle = _recorded_conds(sd1, GenerationParams(prompt="a red circle", **base))[0]
+    assert all(c.shape[0] == g.shape[0] + 1 for c in both)
+    assert all(any(torch.equal(row, g[0]) for row in c) and any(torch.equal(row, circle[0]) for row in c) for c in both)

@@ -323,3 +323,28 @@ def test_version_gates_and_hires() -> None:
     assert (hr.width, hr.height) == (512, 512) and any("first pass" in n for n in hr.ignored)
     gpu = GenerationParams.from_infotext(parse_infotext("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1"))
     assert gpu.rng == "GPU"  # no RNG field: A1111's default
+
+
+@pytest.mark.parametrize("fields,size", [
+    # A1111's restore_old_hires_fix_params: Size defaults to 512x512; a 0 on either side is automatic
+    ("First pass size: 256x256", (256, 256)),
+    ("First pass size: 0x512", (512, 512)),
+    ("Size: 1024x768, First pass size: 0x0", (640, 448)),
+    ("Size: 1024x768, First pass size: 512x0", (640, 448)),
+    ("Size: 768x768, First pass size: 384x384", (384, 384)),
+])
+def test_first_pass_size_as_a1111_restores_it(fields, size) -> None:
+    p = GenerationParams.from_infotext(parse_infotext(f"a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, {fields}"))
+    assert (p.width, p.height) == size
+    assert any("hires fix not applied" in n for n in p.ignored)  # never a silent default
+
+
+@pytest.mark.parametrize("value", ["250x256", "-8x64", "axb"])
+def test_first_pass_size_malformed_names_the_field(value) -> None:
+    with pytest.raises(BlockmergeError, match="First pass size"):
+        GenerationParams.from_infotext(parse_infotext(f"a\nSteps: 20, Sampler: Euler, CFG scale: 7, First pass size: {value}"))
+
+
+def test_unwritable_prompt_is_refused_before_sampling() -> None:
+    with pytest.raises(BlockmergeError, match="Negative prompt"):
+        GenerationParams(prompt="a cat\nNegative prompt: dog").checked()

@@ -273,3 +273,9 @@ def test_split_and() -> None:
     assert split_and("a cat :1.2 AND a dog AND x:0.5") == [("a cat", 1.2), (" a dog", 1.0), (" x", 0.5)]
     assert split_and("BRANDED cat") == [("BRANDED cat", 1.0)]
     assert split_and("a:b") == [("a:b", 1.0)]
+
+
+@pytest.mark.parametrize("text", ["(a:1.2.3)", "x, (b:..)", "((c:1.0.0))"])
+def test_malformed_attention_weight_is_a_one_line_error(text: str) -> None:
+    with pytest.raises(BlockmergeError, match="attention weight"):
+        parse_prompt_attention(text)

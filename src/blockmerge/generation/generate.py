@@ -146,6 +146,11 @@ class GenerationParams:
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
                 raise BlockmergeError(f"--{name} {v}: must be a positive multiple of 8")
+        from .infotext import check_prompt_writable
+
+        # Prompts whose infotext would read back as other fields are refused before any sampling.
+        check_prompt_writable(self.prompt, "prompt")
+        check_prompt_writable(self.negative_prompt, "negative prompt")
         if self.clip_skip < 1:
             raise BlockmergeError(f"--clip-skip {self.clip_skip}: must be >= 1")
         if not self.seeds:

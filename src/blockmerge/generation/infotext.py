@@ -222,7 +222,12 @@ class Infotext:
     @property
     def first_pass_size(self) -> tuple[int, int] | None:
         v = self._get("First pass size")
-        return None if v is None else _parse_size(self.source, "First pass size", v)
+        if v is None:
+            return None
+        width, height = _parse_size(self.source, "First pass size", v)
+        if width < 0 or height < 0 or width % 8 or height % 8:  # 0 is A1111's "automatic" side
+            raise _err(self.source, "First pass size", f"sides must be 0 or multiples of 8, got {v!r}")
+        return width, height
 
     @property
     def width(self) -> int | None:
@@ -375,6 +380,11 @@ def _check_prompt(text: str, what: str, source: str) -> None:
                 f"{source}: the {what} has a line starting with {_NEGATIVE!r}; A1111's PNG Info would read it "
                 "as the start of the negative prompt, so this infotext cannot be written faithfully"
             )
+
+
+def check_prompt_writable(text: str, what: str = "prompt", source: str = "--prompt") -> None:
+    """Refuse a prompt whose infotext A1111 would read back as other fields (checked before sampling)."""
+    _check_prompt(text, what, source)
 
 
 def format_infotext(info: Infotext) -> str:

@@ -77,8 +77,11 @@ def params_from_infotext(info: Infotext) -> tuple[dict[str, Any], list[str]]:
         kw["schedule_type"] = resolve_sampler("Euler a", info.schedule_type, source=src)[1]
     size = info.size
     fp = info.first_pass_size
-    if fp is not None and size is not None:
-        if fp == (0, 0):
+    if fp is not None:
+        # A1111's restore_old_hires_fix_params: Size defaults to 512x512, and a 0 on either side of
+        # First pass size means the old automatic first pass for that Size.
+        size = size or (512, 512)
+        if 0 in fp:
             fp = _old_hires_first_pass(*size)
         notes.append(f"{src}: hires fix not applied: A1111 drew a first pass at {fp[0]}x{fp[1]} (First pass size) "
                      f"and upscaled it to {size[0]}x{size[1]}; blockmerge draws the first pass")

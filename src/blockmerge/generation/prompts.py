@@ -105,7 +105,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            scale_from(round_open.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:  # "(a:1.2.3)": A1111's float() fails too; say where, not a traceback
+                raise BlockmergeError(f"prompt: attention weight {weight!r} in {piece.strip()!r} is not a number") from None
+            scale_from(round_open.pop(), factor)
         elif piece == ")" and round_open:
             scale_from(round_open.pop(), _ROUND)
         elif piece == "]" and square_open:
