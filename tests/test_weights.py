@@ -63,7 +63,8 @@ def test_presets_match_the_reference_file():
     book = load_presets()
     ref = REFERENCE_TSV if REFERENCE_TSV.exists() else PACKAGE_TSV
     rows = [line.split("\t") for line in ref.read_text().splitlines()[1:] if line.strip()]
-    assert len(rows) == len(book.presets) > 30
+    mbw = [p for p in book.presets.values() if p.source == "built-in presets"]
+    assert len(rows) == len(mbw) > 30
     for name, vals in rows:
         w = parse_weights(name, SD1, base=0.0)
         assert w.blocks_list() == [float(v) for v in vals.split(",")], name
@@ -72,6 +73,37 @@ def test_presets_match_the_reference_file():
     assert parse_weights("GRAD_A", SD1).blocks_list()[12] == 1.0
     assert parse_weights("WRAP08", SD1).blocks_list() == [1] * 4 + [0] * 17 + [1] * 4
     assert parse_weights("SMOOTHSTEP/4", SD1)["IN06"] == 1.0
+
+
+def test_lora_block_weight_presets_and_lists():
+    """LoRA Block Weight's presets (its DEF_WEIGHT_PRESET) and 17-value lists: BASE, IN01, IN02, IN04,
+    IN05, IN07, IN08, M00, OUT03..OUT11; blocks they leave out keep model A (LBW's 0: no LoRA)."""
+    lbw17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
+    expected = {"ALL": [1] * 17, "NONE": [0] * 17, "INS": [1, 1, 1, 1] + [0] * 13,
+                "IND": [1, 0, 0, 0, 1, 1, 1] + [0] * 10, "INALL": [1] * 7 + [0] * 10,
+                "MIDD": [1, 0, 0, 0] + [1] * 8 + [0] * 5, "OUTD": [1] + [0] * 7 + [1] * 4 + [0] * 5,
+                "OUTS": [1] + [0] * 11 + [1] * 5, "OUTALL": [1] + [0] * 7 + [1] * 9, "ALL0.5": [0.5] * 17}
+    for name, vals in expected.items():
+        w = parse_weights(name, SD1, keep_a=0.0)
+        assert [w[b] for b in lbw17] == [float(v) for v in vals], name
+        assert all(w[b] == 0.0 for b in SD1.block_ids if b not in lbw17), name
+        # with a method whose "keep A" is 1 (scaled_sum's alpha), the left-out blocks keep A too
+        assert all(parse_weights(name, SD1, keep_a=1.0)[b] == 1.0 for b in SD1.block_ids if b not in lbw17)
+    xl = parse_weights("1,2,3,4,5,6,7,8,9,10,11,12", SDXL, keep_a=0.0)
+    assert [xl[b] for b in ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT05")] == [1, 2, 3, 4, 5, 6, 7, 12]
+    assert xl["IN00"] == xl["OUT06"] == 0.0
+
+
+def test_lora_block_weight_preset_file_format(tmp_path):
+    f = tmp_path / "lbwpresets.txt"
+    f.write_text("# comment\nMINE:1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0.5\nTAB\t" + ",".join(["0.25"] * 25) + "\n")
+    book = load_presets([f])
+    assert parse_weights("MINE", SD1, presets=book)["OUT11"] == 0.5
+    assert parse_weights("TAB", SD1, presets=book)["IN00"] == 0.25
+    bad = tmp_path / "bad.txt"
+    bad.write_text("RAND:R,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1\n")
+    with pytest.raises(WeightSpecError, match="R, U and X"):
+        load_presets([bad])
 
 
 def test_sd1_preset_on_sdxl_is_an_error_not_a_truncation():

@@ -195,31 +195,47 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class LoraNames:
-    """What a LoRA name mapping needs (the LoRA issue reads this; blockmerge has no LoRA code yet).
+class LoraEncoder:
+    """A text encoder as LoRAs name it.
 
-    - ``unet_prefix`` / ``unet_naming``: kohya names the diffusion model's modules
-      ``<unet_prefix><module path with dots as underscores>``; the module path is the single-file
-      key below ``model.diffusion_model.`` without its parameter suffix for Flux and SD3
-      (``single_file``: ``lora_unet_double_blocks_0_img_attn_qkv`` is
-      ``model.diffusion_model.double_blocks.0.img_attn.qkv.weight``), and the diffusers
-      ``UNet2DConditionModel`` module path for the SD U-Nets (``diffusers``:
-      ``lora_unet_down_blocks_0_attentions_0_proj_in``).
-    - ``text_encoders``: (kohya prefix, single-file prefix) pairs whose keys below the prefix are
-      transformers module paths, so the same underscore rule applies (SD1's ``lora_te_``, Flux's
-      ``lora_te1_`` CLIP-L and ``lora_te3_`` T5). OpenCLIP-stored encoders (SD2, SDXL's second)
-      are not listed: their kohya names are transformers names and need a renaming first.
-    - ``diffusers_prefix``: the prefix of diffusers-format LoRA keys (``transformer.``, ``unet.``);
-      ``diffusers_names(keys)`` maps each diffusers parameter name of the diffusion model to the
-      single-file key and the rows of it that parameter is (``to_q`` is the first third of a fused
-      ``qkv``), for the single-file key set ``keys``.
+    ``kohya`` is the kohya prefix (``lora_te_``, ``lora_te1_``), ``prefix`` the single-file prefix
+    below which the encoder's tensors are stored, ``storage`` how: ``"transformers"`` (the module
+    paths LoRAs use, so ``lora_te_text_model_encoder_layers_0_mlp_fc1`` is
+    ``<prefix>text_model.encoder.layers.0.mlp.fc1.weight``) or ``"open_clip"`` (SD2's and SDXL's
+    OpenCLIP towers: LoRAs still use transformers names, which
+    :func:`~blockmerge.architectures.ldm_names.text_encoder_slot` places in the stacked q/k/v and
+    transposed projection); ``peft`` the diffusers / PEFT prefix (``text_encoder.``).
+    """
+
+    kohya: str
+    prefix: str
+    storage: str = "transformers"
+    peft: str = ""
+
+
+@dataclass(frozen=True)
+class LoraNames:
+    """How LoRAs name a family's modules (read by :mod:`blockmerge.lora.names`).
+
+    - ``unet_prefix`` / ``unet_naming``: kohya names a diffusion-model module
+      ``<unet_prefix><module path with dots as underscores>``. The path is the single-file key below
+      ``model.diffusion_model.`` without its parameter suffix (``"ldm"``: SDXL's kohya LoRAs,
+      ``lora_unet_input_blocks_4_1_proj_in``; Flux and SD3, ``lora_unet_double_blocks_0_img_attn_qkv``)
+      or the diffusers ``UNet2DConditionModel`` path (``"diffusers"``: SD1/SD2 kohya LoRAs,
+      ``lora_unet_down_blocks_0_attentions_0_proj_in``). This is the form blockmerge writes; both
+      forms are read for the U-Net families.
+    - ``text_encoders``: the encoders LoRAs can touch, in LoRA Block Weight's BASE.
+    - ``diffusers_prefix``: the prefix of diffusers / PEFT keys of the diffusion model (``unet.``,
+      ``transformer.``); ``diffusers_names(shapes)`` maps each diffusers parameter of a
+      transformer family to the rows of the single-file tensor it is (``to_q`` is the first third
+      of a fused ``qkv``). The U-Net families get theirs from diffusers' own converter.
     """
 
     unet_prefix: str
     unet_naming: str
-    text_encoders: tuple[tuple[str, str], ...] = ()
+    text_encoders: tuple[LoraEncoder, ...] = ()
     diffusers_prefix: str = ""
-    diffusers_names: Callable[[Iterable[str]], Mapping[str, Any]] | None = None
+    diffusers_names: Callable[[Mapping[str, tuple[int, ...]]], Mapping[str, Any]] | None = None
 
 
 #: ``(size, variant) -> {single-file key: tensor}`` (meta tensors: a layout, no memory).

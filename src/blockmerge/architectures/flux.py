@@ -20,7 +20,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .base import BASE, UNET_PREFIX, Architecture, Component, KeyRule, ListForm, LoraNames, Sentinels, Variant
+from .base import (
+    BASE,
+    UNET_PREFIX,
+    Architecture,
+    Component,
+    KeyRule,
+    ListForm,
+    LoraEncoder,
+    LoraNames,
+    Sentinels,
+    Variant,
+)
 from .layout import stack_layout
 
 if TYPE_CHECKING:
@@ -87,8 +98,9 @@ FLUX = Architecture(
     layout=stack_layout([("IN", *DOUBLE), SINGLE[:19], (*SINGLE[19:], "OUT")]),
     prediction="flow matching (rectified flow)",
     lora=LoraNames(
-        "lora_unet_", "single_file",
-        (("lora_te1_", CLIP_PREFIX + "transformer."), ("lora_te3_", T5_PREFIX + "transformer.")),
+        "lora_unet_", "ldm",
+        (LoraEncoder("lora_te1_", CLIP_PREFIX + "transformer.", peft="text_encoder."),
+         LoraEncoder("lora_te3_", T5_PREFIX + "transformer.", peft="text_encoder_2.")),
         "transformer.", _lora_rows,
     ),
     synthetic=_build,

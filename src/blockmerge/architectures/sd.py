@@ -20,6 +20,7 @@ from .base import (
     Generation,
     KeyRule,
     ListForm,
+    LoraEncoder,
     LoraNames,
     Sentinels,
     TextEncoderSpec,
@@ -53,10 +54,18 @@ def _unet_groups(ids: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     }
 
 
-def _forms(ids: tuple[str, ...]) -> tuple[ListForm, ...]:
+#: LoRA Block Weight's short lists: BASE and the blocks a plain (attention-only) LoRA touches.
+#: Blocks they leave out take the value that keeps model A (LBW gives them 0: no LoRA there).
+_LBW17 = (BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+          *(f"OUT{i:02d}" for i in range(3, 12)))
+_LBW12 = (BASE, "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+
+
+def _forms(ids: tuple[str, ...], lbw: tuple[str, ...]) -> tuple[ListForm, ...]:
     return (
         ListForm(ids, "blocks", "Merge Block Weighted"),
-        ListForm((BASE, *ids), "BASE first", "supermerger"),
+        ListForm((BASE, *ids), "BASE first", "supermerger / LoRA Block Weight"),
+        ListForm(lbw, "LoRA blocks", "LoRA Block Weight"),
     )
 
 
@@ -69,8 +78,8 @@ def _builder(name: str):
     return build
 
 
-def _lora(te: tuple[tuple[str, str], ...]) -> LoraNames:
-    return LoraNames("lora_unet_", "diffusers", te, "unet.")
+def _lora(naming: str, *te: LoraEncoder) -> LoraNames:
+    return LoraNames("lora_unet_", naming, te, "unet.")
 
 
 _SD_BLOCKS = block_ids_for(12, 12)
@@ -85,7 +94,7 @@ def _sd(name: str, title: str, te_prefix: str, te_kind: str, pad: str, drop_last
         components=(Component("TE", "cond_stage_model."), Component("VAE", VAE_PREFIX)),
         rules=_unet_rules(12),
         sentinels=Sentinels(keys=(_IN0,), prefixes=(te_prefix,), counts=((UNET_PREFIX + "input_blocks.", 12),)),
-        list_forms=_forms(_SD_BLOCKS),
+        list_forms=_forms(_SD_BLOCKS, _LBW17),
         layout=u_layout(_SD_BLOCKS),
         groups=_unet_groups(_SD_BLOCKS),
         id_aliases={"MID": "M"},
@@ -101,7 +110,8 @@ def _sd(name: str, title: str, te_prefix: str, te_kind: str, pad: str, drop_last
             vae_scaling=0.18215,
             v_resolution=v_res,
         ),
-        lora=_lora((("lora_te_", te_prefix),) if te_kind == "clip" else ()),
+        lora=_lora("diffusers", LoraEncoder("lora_te_", te_prefix, "transformers" if te_kind == "clip" else te_kind,
+                                            "text_encoder.")),
         synthetic=_builder(name),
     )
 
@@ -130,7 +140,7 @@ SDXL = Architecture(
         prefixes=(SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX + "label_emb."),
         counts=((UNET_PREFIX + "input_blocks.", 9),),
     ),
-    list_forms=_forms(_XL_BLOCKS),
+    list_forms=_forms(_XL_BLOCKS, _LBW12),
     layout=u_layout(_XL_BLOCKS),
     groups=_unet_groups(_XL_BLOCKS),
     id_aliases={"MID": "M"},
@@ -149,7 +159,9 @@ SDXL = Architecture(
         default_resolution=1024,
         vae_scaling=0.13025,
     ),
-    lora=_lora((("lora_te1_", SDXL_TE1_PREFIX),)),
+    # kohya trains SDXL on its LDM-named U-Net, so SDXL LoRAs name U-Net modules input_blocks_4_1_...
+    lora=_lora("ldm", LoraEncoder("lora_te1_", SDXL_TE1_PREFIX, "transformers", "text_encoder."),
+               LoraEncoder("lora_te2_", SDXL_TE2_PREFIX, "open_clip", "text_encoder_2.")),
     synthetic=_builder("SDXL"),
 )
 

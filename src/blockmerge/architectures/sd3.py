@@ -17,7 +17,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .base import BASE, UNET_PREFIX, Architecture, Component, KeyRule, ListForm, LoraNames, Sentinels, Variant
+from .base import (
+    BASE,
+    UNET_PREFIX,
+    Architecture,
+    Component,
+    KeyRule,
+    ListForm,
+    LoraEncoder,
+    LoraNames,
+    Sentinels,
+    Variant,
+)
 from .layout import split_columns, stack_layout
 from .ldm_names import VAE_PREFIX
 
@@ -72,9 +83,10 @@ def _sd3(name: str, title: str, n: int, variants: tuple[Variant, ...]) -> Archit
         copied=(r"model\.model_sampling\..+",),
         prediction="flow matching (rectified flow)",
         lora=LoraNames(
-            "lora_unet_", "single_file",
-            (("lora_te1_", SD3_TE_PREFIXES[0] + "transformer."), ("lora_te2_", SD3_TE_PREFIXES[1] + "transformer."),
-             ("lora_te3_", SD3_TE_PREFIXES[2] + "transformer.")),
+            "lora_unet_", "ldm",
+            (LoraEncoder("lora_te1_", SD3_TE_PREFIXES[0] + "transformer.", peft="text_encoder."),
+             LoraEncoder("lora_te2_", SD3_TE_PREFIXES[1] + "transformer.", peft="text_encoder_2."),
+             LoraEncoder("lora_te3_", SD3_TE_PREFIXES[2] + "transformer.", peft="text_encoder_3.")),
             "transformer.", _lora_rows,
         ),
         synthetic=_builder(name),

@@ -92,7 +92,14 @@ def method_as_data(m: object) -> dict[str, object]:
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     from ..inspect import block_table
+    from ..lora import is_lora_file
 
+    if is_lora_file(args.model):
+        return _lora_blocks(args)
+    if args.lora_model:
+        from ..errors import BlockmergeError
+
+        raise BlockmergeError(f"--model: {args.model} is not a LoRA; --model names the checkpoint a LoRA is for")
     if args.alpha is not None or args.beta is not None or args.param:
         return _blocks_values(args)
     arch, rows, comps = block_table(args.model)
@@ -107,6 +114,36 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     print(f"{'total':<8} {sum(r.tensors for r in rows):>8} {_fmt_count(sum(r.parameters for r in rows)):>15}")
     for c in comps:
         print(f"  BASE/{c.block:<5} {c.tensors:>6} {_fmt_count(c.parameters):>15}")
+    return 0
+
+
+def _lora_blocks(args: argparse.Namespace) -> int:
+    """``blocks LORA [--model MODEL]``: per block, the modules a LoRA touches, their ranks and ||ΔW||."""
+    from ..lora import lora_blocks
+
+    if args.alpha is not None or args.beta is not None or args.param:
+        from ..errors import BlockmergeError
+
+        raise BlockmergeError(f"{args.model}: is a LoRA; --alpha/--beta/--param apply to checkpoints "
+                              "(a LoRA's block strengths are given as LORA:STRENGTH:BLOCKS to `lora apply`)")
+    rep = lora_blocks(args.model, args.lora_model)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+        return 0
+    on = f" on {printable(rep.for_model)}" if rep.for_model else ""
+    print(printable(f"{args.model}: LoRA for {rep.architecture} ({rep.title}){on}, "
+                    f"{rep.matched} of {rep.modules} modules placed"))
+    print(f"{'block':<8} {'modules':>8} {'rank':>10} {'kind':<12} {'||ΔW||':>10}")
+    for b in rep.blocks:
+        if not b.modules:
+            print(f"{b.block:<8} {0:>8} {'-':>10} {'-':<12} {0.0:>10.4g}")
+            continue
+        ranks = ",".join(map(str, b.ranks)) or "-"
+        print(f"{b.block:<8} {b.modules:>8} {ranks:>10} {','.join(b.kinds):<12} {b.norm:>10.4g}")
+    if rep.unmatched:
+        print(printable(f"  {len(rep.unmatched)} modules fit nothing (e.g. {rep.unmatched[0]})"))
+    if rep.unknown_keys:
+        print(printable(f"  {len(rep.unknown_keys)} keys are no LoRA module (e.g. {rep.unknown_keys[0]})"))
     return 0
 
 
@@ -146,13 +183,35 @@ def cmd_info(args: argparse.Namespace) -> int:
             raise BlockmergeError(f"{args.files[0]}: has no embedded recipe (it was not made by `blockmerge run`)")
         sys.stdout.write(printable(text))  # from the file: no terminal escapes; valid TOML has none
         return 0
+    from ..lora import is_lora_file, lora_info
+
     for path in args.files:
-        info = checkpoint_info(path, hashes=not args.no_hash)
+        lora = is_lora_file(path)
+        info = lora_info(path, hashes=not args.no_hash) if lora else checkpoint_info(path, hashes=not args.no_hash)
         if args.json:
             print(json.dumps(info, indent=2))
             continue
-        _print_info(info)
+        (_print_lora_info if lora else _print_info)(info)
     return 0
+
+
+def _print_lora_info(info: dict) -> None:
+    print(printable(info["path"]))
+    print(f"  LoRA for:     {info['architecture']} ({info['title']})")
+    kinds = ", ".join(f"{k} {v}" for k, v in info["module_kinds"].items())
+    print(f"  modules:      {info['modules']} ({kinds}), {_fmt_count(info['parameters'])} parameters, "
+          f"{info['size_bytes'] / 2**20:.1f} MiB")
+    ranks = ", ".join(f"rank {k}: {v}" for k, v in info["ranks"].items()) or "-"
+    print(f"  ranks:        {ranks}")
+    if info["alphas"]:
+        print(f"  alphas:       {', '.join(f'{a:g}' for a in info['alphas'])}")
+    if info["unknown_keys"]:
+        print(f"  other keys:   {info['unknown_keys']} (not LoRA modules; ignored)")
+    if "sha256" in info:
+        print(f"  sha256:       {info['sha256']}")
+        print(f"  Lora hash:    {info['lora_hash']} (A1111's 'Lora hashes'; addnet hash {info['addnet_hash'][:12]})")
+    for k, v in info.get("metadata", {}).items():
+        print(f"  meta {printable(k)}: {printable(v)}")
 
 
 def _print_info(info: dict) -> None:
@@ -276,13 +335,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("blocks", help="tensors and parameters per block of a checkpoint (with --alpha etc.: "
                                       "the value every tensor gets)")
-    p.add_argument("model", help="checkpoint file")
+    p.add_argument("model", help="checkpoint file, or a LoRA file (its modules, ranks and ||ΔW|| per block)")
+    p.add_argument("--model", dest="lora_model", metavar="CHECKPOINT",
+                   help="for a LoRA: the checkpoint it is for (its layout names the modules)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _method_args(p, METHODS, for_blocks=True)
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
     p.set_defaults(func=cmd_blocks)
 
-    p = sub.add_parser("info", help="architecture, dtype, size, hashes and merge record of checkpoints")
+    p = sub.add_parser("info", help="architecture, dtype, size, hashes and merge record of checkpoints (and LoRAs)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large files)")

@@ -12,7 +12,7 @@ from .atomic import (
 )
 from .checkpoint import CheckpointReader, open_checkpoint, sniff
 from .dtypes import OUTPUT_DTYPES, cast_into, cast_to, dtype_name, output_dtype, saturates
-from .hashes import FileHashes, file_hashes, legacy_hash, sha256_file
+from .hashes import FileHashes, addnet_hash, file_hashes, legacy_hash, sha256_file
 from .inputs import check_input_file, input_guard, note_input
 from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsReader, SafetensorsStreamWriter, TensorInfo
 
@@ -25,6 +25,7 @@ __all__ = [
     "SafetensorsReader",
     "SafetensorsStreamWriter",
     "TensorInfo",
+    "addnet_hash",
     "atomic_write",
     "cast_into",
     "cast_to",

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,3 +120,31 @@ def file_hashes(path: str | os.PathLike[str], use_cache: bool = True) -> FileHas
             data[key].pop("path", None)
             _save_cache(cp, data)
     return result
+
+
+def addnet_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 of a safetensors file's tensor data, its header left out (kohya's ``sshs_model_hash``,
+    A1111's "addnet" hash of LoRAs, whose first 12 hex digits are the infotext's ``Lora hashes``);
+    the whole file's sha256 for any other format, as A1111 does.
+
+    Why the header is left out: LoRA trainers and editors rewrite the metadata (training tags,
+    cover images) without changing a weight, and the hash should still name the same LoRA.
+    """
+    from .checkpoint import sniff
+
+    p = Path(path)
+    check_input_file(p, error=CheckpointError)
+    if sniff(p) != "safetensors":
+        return sha256_file(p)
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb", buffering=0) as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while k := f.readinto(buf):
+                h.update(view[:k])
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
+    return h.hexdigest()

@@ -1,7 +1,8 @@
 """Block-weight presets: the Merge Block Weighted extension's set, plus user preset files.
 
 A preset file is the extension's own format: one preset per line, ``NAME<TAB>v1,v2,...`` (a header
-line ``preset_name<TAB>preset_weights`` and ``#`` comments are skipped). Which family a preset
+line ``preset_name<TAB>preset_weights`` and ``#`` comments are skipped), or LoRA Block Weight's,
+``NAME:v1,v2,...``. Which family a preset
 applies to follows from its length and the families' list forms: 25 values are for SD1/SD2, 19
 for SDXL; 26 (20) carry BASE first; Flux takes 59, 60 (BASE first) or 61 (CLIP, T5 first, as
 supermerger and LoRA Block Weight write Flux lists).
@@ -40,16 +41,23 @@ class PresetBook:
             s = line.strip()
             if not s or s.startswith("#"):
                 continue
-            parts = s.split(None, 1) if "\t" not in s else s.split("\t", 1)
+            if "\t" in s:
+                parts = s.split("\t", 1)
+            elif ":" in s.split(",", 1)[0]:  # LoRA Block Weight's format, NAME:v1,v2,...
+                parts = s.split(":", 1)
+            else:
+                parts = s.split(None, 1)
             if len(parts) != 2:
-                raise WeightSpecError(f"{source}:{lineno}: expected 'NAME<TAB>v1,v2,...'")
+                raise WeightSpecError(f"{source}:{lineno}: expected 'NAME<TAB>v1,v2,...' or 'NAME:v1,v2,...'")
             name, vals = parts[0].strip(), parts[1].strip()
             if name.lower() == "preset_name":
                 continue
             try:
                 values = tuple(float(v) for v in vals.replace(" ", "").split(","))
             except ValueError:
-                raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be numbers") from None
+                # LBW's random/inherited entries (R, U, X) have no fixed value to merge with
+                raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be numbers "
+                                      "(LoRA Block Weight's R, U and X draw or inherit values at run time)") from None
             if not all(math.isfinite(v) for v in values):
                 raise WeightSpecError(f"{source}:{lineno}: preset {name}: values must be finite")
             if len(values) not in list_lengths():
@@ -78,9 +86,11 @@ def preset_families(preset: Preset) -> str:
 
 
 def builtin_presets() -> PresetBook:
+    """Merge Block Weighted's presets (25 values, SD1/SD2) and LoRA Block Weight's (17, and FLUXALL)."""
     book = PresetBook()
-    text = resources.files("blockmerge").joinpath("data/mbw-presets.tsv").read_text(encoding="utf-8")
-    book.add_text(text, "built-in presets")
+    data = resources.files("blockmerge").joinpath("data")
+    book.add_text(data.joinpath("mbw-presets.tsv").read_text(encoding="utf-8"), "built-in presets")
+    book.add_text(data.joinpath("lbw-presets.txt").read_text(encoding="utf-8"), "LoRA Block Weight presets")
     return book
 
 

@@ -1,0 +1,185 @@
+"""A LoRA as a lazy delta (task vector) over a model's single-file keys.
+
+:class:`LoraDelta` is a merge-engine source in the ``delta`` space: it answers only for the
+tensors the LoRA touches, and computes each one's ΔW (every module that lands on that tensor,
+summed; q/k/v rows of fused tensors placed) in float32 when asked, so applying a LoRA is the
+registry's ``add_delta`` (``A + α·D``) with α per block: the per-block LoRA strengths go through
+the same weight specs, elemental rules, streaming writer and metadata as any merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+from ..merge.declare import DELTA
+from ..merge.nodes import Info
+from .formats import LoraFile, LoraModule, apply_dora, module_delta
+from .names import NameTable, Target
+
+__all__ = ["LoraDelta", "Matched", "match_modules", "module_shape"]
+
+
+@dataclass(frozen=True)
+class Matched:
+    module: LoraModule
+    target: Target
+    bias: bool = False  # the module's ``diff_b`` on the target's bias
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def module_shape(lora: LoraFile, m: LoraModule) -> tuple[int, ...] | None:
+    """The shape of the weight a module's factors make, from the factors alone (None for a
+    bias-only module). Convolutions come out 4-D where the factors say so, else flattened 2-D."""
+    s = {role: lora.shape(key) for role, key in m.keys.items()}
+    kind = m.kind
+    if kind == "lora":
+        up, down = s["up"], s["down"]
+        if "mid" in s:
+            return (up[0], down[1], *s["mid"][2:])
+        return (up[0], *down[1:]) if len(down) > 1 else (up[0], 1)
+    if kind == "loha":
+        a, b = s["hada_w1_a"], s["hada_w1_b"]
+        if "hada_t1" in s:
+            return (a[1], b[1], *s["hada_t1"][2:])
+        return (a[0], *b[1:])
+    if kind == "lokr":
+        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+        else:
+            w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+    if kind == "full":
+        return s.get("diff")
+    return None
+
+
+def _delta_numel(lora: LoraFile, m: LoraModule) -> int | None:
+    shape = module_shape(lora, m)
+    return None if shape is None else _numel(shape)
+
+
+def match_modules(lora: LoraFile, table: NameTable, model_name: str = "the model", *,
+                  check_shapes: bool = True) -> tuple[list[Matched], list[str]]:
+    """The LoRA's modules that land on the model, and the names of those that do not.
+
+    A module whose factors do not fit the tensor it names is an error naming both (a LoRA for
+    another model with the same names, e.g. SD2's cross-attention on SD1); a file none of whose
+    modules fits is an error saying which family the LoRA looks like. ``check_shapes=False`` is
+    for a LoRA read without its model (the table then holds a full-size layout's shapes).
+    """
+    matched: list[Matched] = []
+    missing: list[str] = []
+    misfit: list[tuple[str, int, Target]] = []
+    for name, m in lora.modules.items():
+        target = table.lookup(name)
+        if target is None:
+            missing.append(name)
+            continue
+        if "diff" in m.keys or m.kind != "full":
+            n = _delta_numel(lora, m)
+            if check_shapes and n is not None and n != _numel(target.shape):
+                misfit.append((name, n, target))
+                continue
+            matched.append(Matched(m, target))
+        if "diff_b" in m.keys:
+            if target.bias is None:
+                missing.append(name + ".diff_b")
+            else:
+                matched.append(Matched(m, target, bias=True))
+    if not matched:
+        shapes = f" ({len(misfit)} have its names but other shapes)" if misfit else ""
+        raise CheckpointError(f"{lora.path}: none of its {len(lora.modules)} modules fits {model_name} "
+                              f"({table.arch.title}){shapes}{_family_guess(lora, table.arch)}")
+    if misfit:
+        name, n, target = misfit[0]
+        more = f" (and {len(misfit) - 1} more modules)" if len(misfit) > 1 else ""
+        raise CheckpointError(
+            f"{lora.path}: module {name} makes {n} values but {model_name}'s {target.key} has "
+            f"{list(target.shape)} ({_numel(target.shape)}){more}: the LoRA is for another model"
+            f"{_family_guess(lora, table.arch)}"
+        )
+    return matched, missing
+
+
+def _family_guess(lora: LoraFile, not_this: object) -> str:
+    """``; it is a LoRA for SDXL`` when the LoRA on its own reads as another family."""
+    from .inspect import detect_lora_family
+
+    try:
+        arch, _ = detect_lora_family(lora)
+    except CheckpointError:
+        return ""
+    return f"; it is a LoRA for {arch.title}" if arch is not not_this else ""
+
+
+class LoraDelta:
+    """A LoRA's ΔW per single-file key of one model, computed on demand (a ``delta`` source).
+
+    ``base`` is the source the delta is added to; it is read only for DoRA modules, whose change
+    depends on the weight they change (A1111 applies DoRA against the weight as it stands, so a
+    second LoRA's DoRA sees the first LoRA's result). ``dyn`` keeps the first ``dyn`` ranks of plain
+    LoRA modules (A1111's ``dyn``).
+    """
+
+    space = DELTA
+
+    def __init__(self, lora: LoraFile, table: NameTable, shapes: Mapping[str, tuple[int, ...]], *,
+                 base: object | None = None, dyn: int | None = None, name: str | None = None,
+                 model_name: str = "the model") -> None:
+        self.lora = lora
+        self.arch = table.arch
+        self.name = name or lora.path.name
+        self.base = base
+        self.dyn = dyn
+        self.matched, self.unmatched = match_modules(lora, table, model_name)
+        self._by_key: dict[str, list[Matched]] = {}
+        for mt in self.matched:
+            key = mt.target.bias if mt.bias else mt.target.key
+            assert key is not None
+            self._by_key.setdefault(key, []).append(mt)
+        self._shapes = {k: tuple(shapes[k]) for k in self._by_key}
+        if any(mt.module.dora for mt in self.matched) and base is None:
+            raise CheckpointError(f"{lora.path}: DoRA modules need the model they are applied to")
+
+    def keys(self) -> list[str]:
+        return list(self._by_key)
+
+    def info(self, key: str) -> Info:
+        return Info(torch.float32, self._shapes[key])
+
+    def sliceable(self, key: str) -> bool:
+        return False  # a module's ΔW is a product of whole factors
+
+    def modules_of(self, key: str) -> list[Matched]:
+        return list(self._by_key.get(key, ()))
+
+    def get(self, key: str) -> torch.Tensor:
+        out = torch.zeros(self._shapes[key], dtype=torch.float32)
+        weight: torch.Tensor | None = None
+        for mt in self._by_key[key]:
+            m = mt.module
+            tensors = self.lora.tensors(m)
+            if mt.bias:
+                out.add_(tensors["diff_b"].to(out.dtype).reshape(out.shape))
+                continue
+            d = module_delta(m.kind or "", tensors, mt.target.shape, name=f"{self.lora.path}: {m.name}",
+                             dyn=self.dyn).to(out.dtype)
+            if m.dora:
+                if weight is None:
+                    weight = self.base.get(key).to(torch.float32)  # type: ignore[union-attr]
+                d = apply_dora(mt.target.take(weight), d, tensors["dora_scale"])
+            mt.target.add_into(out, d)
+        return out
