@@ -18,7 +18,8 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["BundledModel", "list_models", "models_dir", "resolve_model"]
+__all__ = ["BundledLora", "BundledModel", "find_bundled_lora", "list_bundled_loras", "list_models", "models_dir",
+           "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,36 @@ def _registry() -> tuple[BundledModel, ...]:
         )
         for e in data["models"]
     )
+
+
+@dataclass(frozen=True)
+class BundledLora:
+    name: str
+    path: Path
+    style: str
+    sha256: str
+    base: str  # the bundled model it was made for
+
+
+@lru_cache(maxsize=1)
+def _lora_registry() -> tuple[BundledLora, ...]:
+    index = models_dir() / "models.json"
+    try:
+        data: dict[str, Any] = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ()
+    return tuple(BundledLora(e["name"], models_dir() / e["file"], e["style"], e["sha256"], e["base"])
+                 for e in data.get("loras", []))
+
+
+def list_bundled_loras() -> list[BundledLora]:
+    """The bundled LoRAs (``tiny-b-outline``: tiny-b's outline as a LoRA for tiny-a)."""
+    return list(_lora_registry())
+
+
+def find_bundled_lora(name: str) -> Path | None:
+    """A bundled LoRA's file by its name (the name ``<lora:NAME:1>`` and ``lora apply`` take)."""
+    return next((lo.path for lo in _lora_registry() if lo.name == name), None)
 
 
 def list_models() -> list[BundledModel]:

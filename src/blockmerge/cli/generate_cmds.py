@@ -54,7 +54,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..merge.executor import output_dtype
 
     params = _params_from_args(args)  # validate everything before the slow load
+    from ..generation.extra_networks import lora_calls
+    from ..merge import load_presets
     from ..models import resolve_model
+
+    lora_calls(params.prompt)  # a malformed <lora:...> is an error before the slow load
 
     out = check_output_dir(args.output, make=False)
     model_path = resolve_model(args.model)
@@ -76,8 +80,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(printable(path))
 
+    notes: list[str] = []
     try:
-        generate(loaded, params, batch_size=args.batch_size, on_image=save)
+        generate(loaded, params, batch_size=args.batch_size, on_image=save, lora_dir=args.lora_dir, notes=notes,
+                 presets=load_presets(args.presets or []))
     except BaseException:
         if created and not written:  # a folder made for nothing is debris too
             import contextlib
@@ -85,6 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
+    for note in dict.fromkeys(notes):
+        print(f"blockmerge: warning: {note}", file=sys.stderr)
     return 0
 
 
@@ -140,6 +148,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
     add_prediction_option(p)
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="where <lora:NAME:...> in the prompt finds NAME (as A1111's models/Lora; the bundled "
+                        "LoRAs are found by name too)")
+    p.add_argument("--presets", action="append", metavar="FILE",
+                   help="extra preset file for lbw= (LoRA Block Weight's NAME:values, or NAME<TAB>values)")
     p.add_argument("--overwrite", action="store_true", help="reuse file names in the output folder")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)

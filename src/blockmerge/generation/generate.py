@@ -27,6 +27,7 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import BlockmergeError
+from .extra_networks import strip_extra_networks
 from .infotext import (
     KNOWN_UNSUPPORTED,
     Infotext,
@@ -120,6 +121,9 @@ class GenerationParams:
     # (Batch size, Batch pos) of the image an infotext describes: batched convolutions round
     # differently from one image at a time, so the image is redrawn in a batch of that size.
     source_batch: tuple[int, int] | None = None
+    # A1111's "Lora hashes" of the infotext (``name: hash, ...``): finds a prompt's LoRA by its hash
+    # when no file has its name, and says so when the file found has another hash.
+    lora_hashes: str = ""
     # Warnings about the source infotext: what is not applied (never written as applied).
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
@@ -135,8 +139,13 @@ class GenerationParams:
         return cls(**base, ignored=tuple(notes)).checked()
 
     def checked(self) -> GenerationParams:
+        from .extra_networks import strip_comments
         from .prompts import EMPHASIS_MODES
         from .samplers import resolve_sampler
+
+        if "#" in self.prompt or "#" in self.negative_prompt:  # A1111 1.8+ drops # comments from both
+            return replace(self, prompt=strip_comments(self.prompt),
+                           negative_prompt=strip_comments(self.negative_prompt)).checked()
 
         if self.steps < 1 or self.steps > 1000:
             raise BlockmergeError(f"--steps {self.steps}: must be 1..1000")
@@ -227,7 +236,7 @@ def _embedding_key(params: GenerationParams) -> tuple:
 
     spec = SAMPLERS[params.sampler_name]
     total = params.steps * (2 if spec.second_order else 1)
-    return (params.prompt, params.negative_prompt, total, params.clip_skip, params.emphasis,
+    return (strip_extra_networks(params.prompt), params.negative_prompt, total, params.clip_skip, params.emphasis,
             params.old_prompt_editing)
 
 
@@ -271,7 +280,8 @@ def encode_prompts(loaded: Any, params: GenerationParams) -> PromptEmbeddings:
         return out
 
     with torch.inference_mode():
-        conds = [(schedule(text), weight) for text, weight in split_and(params.prompt)]
+        # A1111 takes <lora:...> and every other <network:...> out of the positive prompt before encoding
+        conds = [(schedule(text), weight) for text, weight in split_and(strip_extra_networks(params.prompt))]
         uncond = schedule(params.negative_prompt, negative=True)
         z, pooled = encode_texts([""], sides, clip_skip=params.clip_skip, emphasis=params.emphasis)
         empty = Cond(z[0].float(), None if pooled is None else pooled[0].float())
@@ -326,12 +336,83 @@ def generate(
     embeddings: PromptEmbeddings | None = None,
     extra_infotext: dict[str, object] | None = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
+    lora_dir: str | os.PathLike[str] | None = None,
+    presets: Any = None,
+    notes: list[str] | None = None,
 ) -> list[GeneratedImage]:
     """Generate one image per seed. A batch of seeds gives the images one-at-a-time generation gives.
 
     ``embeddings`` lets a caller reuse an encoded prompt (the sweeps do, when the text encoder is
-    untouched). ``on_image`` is called as each image is ready.
+    untouched). ``on_image`` is called as each image is ready. ``<lora:NAME:...>`` in the prompt is
+    applied in place for these images and taken off after (NAME looked up in ``lora_dir``, then among
+    the bundled LoRAs); the images' infotext carries A1111's ``Lora hashes``. Warnings (networks not
+    applied, LoRA modules that fit nothing) are appended to ``notes``.
     """
+    from .extra_networks import lora_calls
+
+    params = params.checked()
+    calls, call_notes = lora_calls(params.prompt)
+    if notes is not None:
+        notes.extend(call_notes)
+    if not calls:
+        return _generate(loaded, params, seeds, batch_size, embeddings, extra_infotext, on_image)
+    from .lora_inplace import loras_applied
+
+    loras, hashes = resolve_prompt_loras(loaded, calls, params, lora_dir, presets, notes)
+    extra = {**(extra_infotext or {}), "Lora hashes": hashes}
+    with loras_applied(loaded, loras) as warns:
+        if notes is not None:
+            notes.extend(warns)
+        # the LoRAs may change the text encoder: encode under them, never reuse embeddings made without
+        return _generate(loaded, params, seeds, batch_size, None, extra, on_image)
+
+
+def resolve_prompt_loras(loaded: Any, calls: Sequence[Any], params: GenerationParams,
+                         lora_dir: str | os.PathLike[str] | None, presets: Any = None,
+                         notes: list[str] | None = None) -> tuple[list[Any], str]:
+    """The files and per-block weights of a prompt's ``<lora:...>`` calls, and A1111's ``Lora hashes``."""
+    from ..lora.library import find_lora, find_lora_by_hash, lora_hash
+    from ..lora.spec import lora_weights
+    from ..models import find_bundled_lora
+    from .lora_inplace import InPlaceLora
+
+    wanted = _parse_lora_hashes(params.lora_hashes)
+    loras, parts = [], []
+    for c in calls:
+        path = find_lora(c.name, lora_dir) or find_bundled_lora(c.name)
+        if path is None and c.name in wanted:
+            path = find_lora_by_hash(wanted[c.name], lora_dir)
+        if path is None:
+            where = f"in --lora-dir {lora_dir} or " if lora_dir is not None else "(no --lora-dir given) or "
+            raise BlockmergeError(f"prompt: {c.text}: no LoRA named {c.name!r} {where}among the bundled LoRAs")
+        h = lora_hash(path)
+        if c.name in wanted and wanted[c.name] != h and notes is not None:
+            notes.append(f"prompt: {c.text}: {path} has the hash {h}, the infotext's Lora hashes say "
+                         f"{wanted[c.name]}: another file of that name")
+        weights = lora_weights(loaded.architecture, c.lbw, c.te, c.unet, presets, f"prompt: {c.text}: lbw")
+        loras.append(InPlaceLora(Path(path), weights, c.dyn, c.name))
+        parts.append(f"{c.name.replace(':', '').replace(',', '')}: {h}")
+    return loras, ", ".join(dict.fromkeys(parts))
+
+
+def _parse_lora_hashes(text: str) -> dict[str, str]:
+    out = {}
+    for part in (text or "").split(","):
+        name, sep, h = part.rpartition(":")
+        if sep and name.strip() and h.strip():
+            out[name.strip()] = h.strip().lower()
+    return out
+
+
+def _generate(
+    loaded: Any,
+    params: GenerationParams,
+    seeds: Sequence[int] | None,
+    batch_size: int | None,
+    embeddings: PromptEmbeddings | None,
+    extra_infotext: dict[str, object] | None,
+    on_image: Callable[[GeneratedImage], None] | None,
+) -> list[GeneratedImage]:
     from .run import sample_batch
 
     params = params.checked()

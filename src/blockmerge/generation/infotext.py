@@ -65,7 +65,7 @@ HONOURED_KEYS: frozenset[str] = frozenset({
     "Schedule rho", "Schedule min sigma", "Schedule max sigma", "Discard penultimate sigma",
     "Beta schedule alpha", "Beta schedule beta", "SGM noise multiplier", "Pad conds", "Pad conds v0",
     "Emphasis", "Old prompt editing timelines", "Downcast alphas_cumprod", "Noise Schedule", "First pass size",
-    "Batch size", "Batch pos",
+    "Batch size", "Batch pos", "Lora hashes",
 })
 #: Keys that describe the run but do not change the pixels (no warning needed).
 INFORMATIONAL_KEYS: frozenset[str] = frozenset({
@@ -90,7 +90,6 @@ KNOWN_UNSUPPORTED: Mapping[str, str] = {
     "Seed resize from": "noise was generated at another size",
     "VAE": "a separate VAE file was used",
     "VAE hash": "a separate VAE file was used",
-    "Lora hashes": "LoRA networks were applied",
     "TI hashes": "textual-inversion embeddings were used",
     "Hypernet": "a hypernetwork was applied",
     "Tiling": "seamless tiling was on",

@@ -103,6 +103,8 @@ def params_from_infotext(info: Infotext) -> tuple[dict[str, Any], list[str]]:
         if v is not None:
             kw[target] = v
 
+    if info.params.get("Lora hashes"):  # applied with the prompt's <lora:...> (names looked up by hash)
+        kw["lora_hashes"] = info.params["Lora hashes"].strip()
     rng = info.params.get("RNG", "GPU").strip()  # A1111: a missing RNG means the default, GPU
     if rng not in RNG_SOURCES:
         raise BlockmergeError(f"{src}: RNG: expected one of {', '.join(RNG_SOURCES)}, got {rng!r}")

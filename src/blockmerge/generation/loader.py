@@ -54,6 +54,8 @@ class LoadedModel:
     sha256: str | None = None  # full hex digest (A1111's short hash is the first 10 digits)
     configs: ModelConfigs | None = field(default=None, repr=False)
     zero_snr: bool = False  # zero-terminal-SNR noise schedule (the file's ``ztsnr`` marker)
+    # What in-place edits derive once per loaded model (the block map, LoRA name tables).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def short_hash(self) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import BlockmergeError
 
-__all__ = ["LORA_SUFFIXES", "LoraEntry", "find_lora", "list_loras", "lora_hash"]
+__all__ = ["LORA_SUFFIXES", "LoraEntry", "find_lora", "find_lora_by_hash", "list_loras", "lora_hash"]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 _MAX_FILES = 100_000
@@ -89,3 +89,18 @@ def lora_hash(path: str | os.PathLike[str]) -> str:
     if isinstance(meta, str) and len(meta) >= 12 and all(c in "0123456789abcdef" for c in meta.lower()):
         return meta.lower()[:12]
     return addnet_hash(path)[:12]
+
+
+def find_lora_by_hash(short_hash: str, lora_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The LoRA under ``lora_dir`` whose A1111 short hash (12 hex digits, or a longer prefix of the
+    addnet hash) is ``short_hash``: what A1111 does when an infotext's name is not found."""
+    if lora_dir is None or not short_hash:
+        return None
+    want = short_hash.strip().lower()
+    for e in list_loras(lora_dir):
+        try:
+            if lora_hash(e.path).startswith(want[:12]):
+                return e.path
+        except BlockmergeError:
+            continue
+    return None

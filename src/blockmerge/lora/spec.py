@@ -72,6 +72,7 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
     FILE is the longest prefix before a ``:`` that names an existing file (paths may hold colons;
     BLOCKS may too, in elemental rules), or a LoRA name looked up in ``lora_dir``.
     """
+    from ..models import find_bundled_lora
     from .library import find_lora
 
     parts = text.split(":")
@@ -80,6 +81,7 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
         path = Path(head)
         if not path.is_file():
             found = find_lora(head, lora_dir) if lora_dir is not None and head else None
+            found = found or find_bundled_lora(head)
             if found is None:
                 continue
             path = found
@@ -87,5 +89,6 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
         strength = _strength(rest[0], f"{arg} {text!r}") if rest and rest[0] != "" else 1.0
         blocks = ":".join(rest[1:]) if len(rest) > 1 else None
         return LoraSpec(path, strength, strength, blocks or None, name=Path(head).stem)
-    where = f" or a LoRA name in {lora_dir}" if lora_dir is not None else ""
-    raise BlockmergeError(f"{arg} {text!r}: no such file{where} (expected FILE[:STRENGTH[:BLOCKS]])")
+    where = f", no LoRA of that name in {lora_dir}" if lora_dir is not None else ""
+    raise BlockmergeError(f"{arg} {text!r}: no such file{where} and no bundled LoRA of that name "
+                          "(expected FILE[:STRENGTH[:BLOCKS]])")
