@@ -138,6 +138,35 @@ def test_every_readme_command_runs_on_the_bundled_models(tmp_path: Path, capsys)
     assert "IN00" in out and (tmp_path / "map.svg").read_text().startswith("<svg")
     done.add("compare")
 
+    # LoRAs: the bundled tiny-b-outline by name, baked by block, inspected, extracted, merged, resized
+    out, _ = run(capsys, "blocks", "tiny-b-outline")
+    assert "LoRA for SD1" in out and "OUT08" in out
+    out, _ = run(capsys, "info", "tiny-b-outline")
+    assert "Lora hash:" in out
+    baked = tmp_path / "baked.safetensors"
+    out, _ = run(capsys, "lora", "apply", "tiny-a", "tiny-b-outline:0.8:OUTALL", "-o", baked)
+    assert f"wrote {baked}" in out
+    with safe_open(baked, "pt") as f:
+        rec = json.loads(f.metadata()["blockmerge"])
+    assert rec["method"] == "lora" and rec["loras"][0]["blocks"]["OUT11"] == 0.8 and rec["loras"][0]["blocks"]["IN04"] == 0
+    extracted = tmp_path / "outline.safetensors"
+    out, _ = run(capsys, "lora", "extract", "tiny-b", "tiny-a", "-o", extracted, "--rank", "4", "--conv-rank", "4")
+    assert "kept ||ΔW||²" in out and "OUT08" in out
+    out, _ = run(capsys, "lora", "merge", f"{extracted}:0.7", "tiny-b-outline:1:OUT=1", "-o", tmp_path / "lm.safetensors",
+                 "--rank", "8")
+    assert "factored to rank 8" in out
+    out, _ = run(capsys, "lora", "resize", "tiny-b-outline", "-o", tmp_path / "r.safetensors", "--keep-energy", "0.9")
+    assert "ranks" in out
+    gen = tmp_path / "gen-lora"
+    out, err = run(capsys, "generate", "tiny-a", "-o", gen, "--prompt",
+                   "a red circle <lora:tiny-b-outline:0.8:lbw=OUTD>", "--seed", "1", "--steps", "3")
+    assert "Lora hashes" in (next(gen.glob("*.png")).read_bytes().decode("latin-1"))
+    lsweep = tmp_path / "lsweep"
+    out, err = run(capsys, "sweep", "tiny-a", "-o", lsweep, "--prompt", PROMPT, "--seeds", "1", "--lora",
+                   "tiny-b-outline", "--blocks", "OUT08", "-q")
+    assert (lsweep / "index.html").is_file() and "without OUT08" in (lsweep / "index.html").read_text()
+    done.add("lora")
+
     assert done == documented_commands(), (documented_commands() - done, done - documented_commands())
 
 

@@ -687,3 +687,87 @@ def test_sd2_lora_is_told_from_sd1_by_shapes_and_metadata(tmp_path) -> None:
         save_file(shared, str(q), metadata={"ss_v2": str(arch is SD2)})
         with open_lora(q) as lf:
             assert detect_lora_family(lf)[0] is arch
+
+
+def test_baked_and_merged_files_keep_model_as_modelspec(tmp_path) -> None:
+    """The bundled 64 px models' modelspec (resolution, prediction type) carries over to a bake and a
+    merge, so the result loads at 64 px like its parent; title and description are not copied."""
+    from blockmerge.generation.loader import load_pipeline
+    from blockmerge.merge import merge
+
+    a, b = resolve_model("tiny-a"), resolve_model("tiny-b")
+    lp = tmp_path / "x.safetensors"
+    extract_lora(b, a, lp, rank=2)
+    baked, merged = tmp_path / "baked.safetensors", tmp_path / "merged.safetensors"
+    apply_loras(a, [LoraSpec(lp)], baked)
+    merge([a, b], merged, alpha=0.5)
+    for out in (baked, merged):
+        meta = open_lora_meta(out)
+        assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
+        assert "modelspec.title" not in meta
+        assert load_pipeline(out, device="cpu").resolution == 64
+
+
+def test_recipe_lora_step_bakes_as_lora_apply_and_round_trips(sd1_lora, tiny_sd1_paths, tmp_path) -> None:
+    import tomllib
+
+    from blockmerge.recipes import embedded_recipe, recipe_from_text, run_recipe
+
+    model, lp, _ = sd1_lora
+    b = tiny_sd1_paths[1]
+    text = f"""version = 1
+[inputs]
+A = "{model}"
+B = "{b}"
+style = "{lp}"
+[[steps]]
+name = "mix"
+models = ["A", "B"]
+alpha = 0.3
+[[steps]]
+name = "styled"
+models = ["mix"]
+loras = [{{ lora = "style", strength = 0.8, te = 0.5, blocks = "OUTD" }}]
+[[outputs]]
+step = "styled"
+path = "out.safetensors"
+dtype = "fp32"
+"""
+    (out,) = run_recipe(recipe_from_text(text, tmp_path))
+    # the same as merging to a file and baking the LoRA into it
+    mixed = tmp_path / "mix.safetensors"
+    from blockmerge.merge import merge
+
+    merge([model, b], mixed, alpha=0.3, dtype="fp32")
+    ref = tmp_path / "ref.safetensors"
+    apply_loras(mixed, [LoraSpec(lp, 0.5, 0.8, "OUTD")], ref, dtype="fp32")
+    x, y = load_file(str(out.output)), load_file(str(ref))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    meta = json.loads(open_lora_meta(out.output)["blockmerge"])
+    assert meta["method"] == "lora" and meta["loras"][0]["te"] == 0.5
+    assert {i["role"] for i in meta["inputs"]} == {"A", "B", "style"}
+    # the embedded recipe says what ran, reads back, and reruns to the same bytes
+    emb = embedded_recipe(out.output)
+    step = tomllib.loads(emb)["steps"][1]
+    assert step["loras"][0]["lora"] == "style" and step["loras"][0]["strength"] == 0.8
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+    (again,) = run_recipe(recipe_from_text(emb, tmp_path), output=again_dir / "out.safetensors")
+    assert again.output.read_bytes() == out.output.read_bytes()
+
+
+@pytest.mark.parametrize("step,msg", [
+    ('models = ["A", "B"]\nloras = [{ lora = "style" }]', "takes one model"),
+    ('models = ["A"]\nalpha = 0.5\nloras = [{ lora = "style" }]', "takes no alpha"),
+    ('models = ["A"]\nloras = [{ lora = "nope" }]', "is not an input"),
+    ('models = ["A"]\nloras = [{ lora = "style", blocks = "IN99=1" }]', "unknown block"),
+])
+def test_recipe_lora_step_errors(sd1_lora, tiny_sd1_paths, tmp_path, step, msg) -> None:
+    from blockmerge.recipes import recipe_from_text, run_recipe
+
+    model, lp, _ = sd1_lora
+    text = (f'version = 1\n[inputs]\nA = "{model}"\nB = "{tiny_sd1_paths[1]}"\nstyle = "{lp}"\n'
+            f'[[steps]]\n{step}\n[[outputs]]\npath = "o.safetensors"\n')
+    with pytest.raises(BlockmergeError, match=msg):
+        run_recipe(recipe_from_text(text, tmp_path))
+    assert not (tmp_path / "o.safetensors").exists()

@@ -246,3 +246,40 @@ def test_tiny_b_style_is_present_in_b_and_absent_from_a() -> None:
     assert np.mean(a < 0.05) >= 0.9  # A: essentially no black rim
     assert np.mean(b > 0.15) >= 0.9  # B: a rim of black in nearly every image
     assert b.mean() > 4 * a.mean() + 0.1
+
+
+def test_bundled_lora_is_registered_with_its_hash() -> None:
+    from blockmerge.lora import lora_blocks
+    from blockmerge.models import find_bundled_lora, list_bundled_loras
+
+    (lo,) = list_bundled_loras()
+    assert lo.name == "tiny-b-outline" and lo.base == "tiny-a" and find_bundled_lora(lo.name) == lo.path
+    assert sha256_file(lo.path) == lo.sha256
+    rep = lora_blocks(lo.path, resolve_model("tiny-a"))
+    assert rep.architecture == "SD1" and rep.matched == rep.modules > 250
+
+
+def test_bundled_lora_draws_the_outline_on_tiny_a(tmp_path) -> None:
+    """tiny-b's outline as a rank-16 LoRA: baked into tiny-a it draws a black rim that tiny-a never
+    draws. A LoRA carries only weight matrices: tiny-b's biases and norms, where the rest of its
+    outline lives, stay tiny-a's, so the rim is thinner than tiny-b's own (read by the same reader)."""
+    from blockmerge.lora import LoraSpec, apply_loras
+    from blockmerge.models import find_bundled_lora
+
+    baked = tmp_path / "a-outline.safetensors"
+    apply_loras(resolve_model("tiny-a"), [LoraSpec(find_bundled_lora("tiny-b-outline"))], baked)
+
+    m = load_pipeline(baked, hash_file=False)
+    assert m.resolution == 64
+    cases = tuple(_cases())
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(cases))]
+    out = m.pipeline([c.prompt for c in cases], num_inference_steps=STEPS, guidance_scale=CFG, generator=gens,
+                     output_type="np")
+    images = (out.images * 255).round().astype(np.uint8)
+    fr = np.array([read_image(img).dark_fraction for img in images])
+    fr = fr[~np.isnan(fr)]
+    a, b = _outline_fractions()
+    print(f"dark outline fraction: tiny-a {a.mean():.3f}, tiny-a + LoRA {fr.mean():.3f}, tiny-b {b.mean():.3f}")
+    assert fr.mean() > 4 * a.mean() + 0.08  # the outline is there...
+    assert np.mean(fr > 0.15) >= 0.35 > np.mean(a > 0.15)  # ...in a good share of images, never in tiny-a's
+    assert fr.mean() < b.mean()  # ...and thinner than tiny-b's own (what a LoRA cannot carry)

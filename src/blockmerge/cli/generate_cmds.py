@@ -97,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..models import list_models
+    from ..models import list_bundled_loras, list_models
 
     for m in list_models():
         print(f"{m.name:<12} {m.path}")
@@ -107,6 +107,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         if m.vocabulary:
             for k, v in m.vocabulary.items():
                 print(f"  {k}: {', '.join(v) if isinstance(v, list) else v}")
+    for lo in list_bundled_loras():
+        print(f"{lo.name:<12} {lo.path}")
+        print(f"  a LoRA for {lo.base}: {lo.style}")
     return 0
 
 

@@ -90,9 +90,26 @@ def method_as_data(m: object) -> dict[str, object]:
     }
 
 
+def bundled_or_path(name: str) -> str:
+    """A file path as given, else a bundled LoRA's or model's file by its name (``tiny-b-outline``)."""
+    from ..models import find_bundled_lora, resolve_model
+
+    if Path(name).exists():
+        return name
+    found = find_bundled_lora(name)
+    if found is not None:
+        return str(found)
+    try:
+        return str(resolve_model(name))
+    except Exception:
+        return name  # the reader says what is wrong with it
+
+
 def cmd_blocks(args: argparse.Namespace) -> int:
     from ..inspect import block_table
     from ..lora import is_lora_file
+
+    args.model = bundled_or_path(args.model)
 
     if is_lora_file(args.model):
         return _lora_blocks(args)
@@ -185,7 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     from ..lora import is_lora_file, lora_info
 
-    for path in args.files:
+    for path in map(bundled_or_path, args.files):
         lora = is_lora_file(path)
         info = lora_info(path, hashes=not args.no_hash) if lora else checkpoint_info(path, hashes=not args.no_hash)
         if args.json:

@@ -70,8 +70,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     seeds = parse_seeds(args.seeds, "--seeds")
     _threads(args)
-    if not (args.scale or args.bypass or args.swap or args.custom):
-        raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap or --custom NAME=SPEC")
+    if not (args.scale or args.bypass or args.swap or args.custom or args.lora):
+        raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap, --custom NAME=SPEC "
+                              "or --lora FILE")
+    if args.lora and (args.scale or args.bypass or args.swap or args.custom or args.reverse):
+        raise BlockmergeError("--lora is an experiment of its own (its baseline is the model with the whole LoRA); "
+                              "run --scale/--bypass/--swap/--custom in another sweep")
+    lora_spec = None
+    if args.lora:
+        from ..lora.spec import parse_lora_arg
+
+        lora_spec = parse_lora_arg(args.lora, args.lora_dir, "--lora")
+        if lora_spec.blocks is not None:
+            raise BlockmergeError(f"--lora {args.lora}: give FILE[:STRENGTH]; the sweep varies the blocks itself "
+                                  "(--blocks chooses which)")
     if (args.swap or args.reverse) and not args.donor:
         raise BlockmergeError("--swap / --reverse need --donor MODEL (the model blocks are taken from)")
     from ..io import check_output_dir
@@ -101,6 +113,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.swap:
         for r in args.swap_ratio or [1.0]:
             variants += swap_variants(arch, blocks, donor_name, r)
+    if lora_spec is not None:
+        from ..experiments.sweep import lora_variants
+
+        chosen = blocks if args.blocks else None
+        variants += lora_variants(arch, lora_spec.path, path_a, lora_spec.unet, chosen)
     params = parse_param_args(args.param)
     for name, spec in args.custom or []:
         variants.append(custom_variant(name, arch, spec, method=args.method, params=params,
@@ -109,7 +126,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                  "width": args.width, "height": args.height}
     result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,
                        batch_size=args.batch_size, progress=not args.quiet, model_name=path_a.stem,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, lora_dir=args.lora_dir)
+    for w in result.meta.get("warnings", []):
+        print(f"blockmerge: warning: {w}", file=sys.stderr)
     if not args.no_report:
         index = write_report(out, result, overwrite=args.overwrite)
         print(f"report: {printable(index)}")
@@ -184,6 +203,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reverse", action="store_true", help="also the reverse swap (donor with each block from MODEL)")
     p.add_argument("--custom", type=_custom, action="append", metavar="NAME=SPEC",
                    help="a named variant from a full weight spec (preset, list, 'IN04-IN08=0.5'); repeatable")
+    p.add_argument("--lora", metavar="FILE[:STRENGTH]",
+                   help="the experiment on a LoRA: baseline = MODEL + the whole LoRA; per block it touches, the "
+                        "LoRA without that block and with only that block (and the model alone)")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="where --lora NAME and the prompts' <lora:NAME:...> are looked up")
     from ..merge.methods import METHODS
 
     p.add_argument("--method", choices=list(METHODS), metavar="METHOD",

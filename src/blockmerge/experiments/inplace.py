@@ -54,6 +54,7 @@ __all__ = [
     "BypassEdit",
     "Edit",
     "InPlaceModel",
+    "LoraEdit",
     "MergeEdit",
     "block_map",
     "pipeline_parameters",
@@ -116,7 +117,27 @@ class BypassEdit:
 # Bump when the bypass rules change, so cached sweep images made under old rules are not reused.
 BYPASS_RULE_VERSION = 1
 
-Edit = MergeEdit | BypassEdit
+
+@dataclass(frozen=True)
+class LoraEdit:
+    """A LoRA put on the model in place, at ``weights`` per block (strength included); see
+    :mod:`blockmerge.generation.lora_inplace`. ``lora_hash`` names the file's contents in cache keys."""
+
+    path: str
+    weights: BlockWeights
+    lora_hash: str
+    dyn: int | None = None
+
+    def changed_blocks(self) -> list[str]:
+        w = self.weights
+        return [b for b in w.ids if w[b] != 0.0 or any(r.covers(b) for r in w.rules)]
+
+    def key(self) -> dict[str, Any]:
+        return {"edit": "lora", "lora": self.lora_hash, "weights": self.weights.as_dict(),
+                "rules": [r.text for r in self.weights.rules], "dyn": self.dyn}
+
+
+Edit = MergeEdit | BypassEdit | LoraEdit
 
 
 class InPlaceModel:
@@ -230,6 +251,19 @@ class InPlaceModel:
         return any(q.startswith(TEXT_COMPONENTS) for b in edit.changed_blocks() for q in self.map.params_of(b))
 
     @contextlib.contextmanager
+    def _lora(self, edit: LoraEdit) -> Iterator[InPlaceModel]:
+        from pathlib import Path
+
+        from ..generation.lora_inplace import InPlaceLora, loras_applied
+
+        self._active = True
+        try:
+            with loras_applied(self.loaded, [InPlaceLora(Path(edit.path), edit.weights, edit.dyn)]):
+                yield self
+        finally:
+            self._active = False
+
+    @contextlib.contextmanager
     def applied(self, edit: Edit | None) -> Iterator[InPlaceModel]:
         """Within the ``with``, the model runs with ``edit``; afterwards every parameter is bit-identical
         to before (also when the body raises). ``None`` is the unchanged model."""
@@ -238,6 +272,10 @@ class InPlaceModel:
             return
         if self._active:
             raise BlockmergeError("edits cannot be nested")
+        if isinstance(edit, LoraEdit):
+            with self._lora(edit):
+                yield self
+            return
         blocks = edit.changed_blocks()
         for b in blocks:
             self.map.params_of(b)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from ..errors import BlockmergeError
 
-VariantKind = Literal["baseline", "scale", "bypass", "swap", "custom"]
-VARIANT_KINDS: tuple[str, ...] = ("baseline", "scale", "bypass", "swap", "custom")
+VariantKind = Literal["baseline", "scale", "bypass", "swap", "custom", "lora"]
+VARIANT_KINDS: tuple[str, ...] = ("baseline", "scale", "bypass", "swap", "custom", "lora")
 BASELINE_ID = "baseline"
 SWEEP_FILE = "sweep.json"
 FORMAT_VERSION = 1

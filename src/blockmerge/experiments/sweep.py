@@ -45,6 +45,7 @@ __all__ = [
     "PlannedVariant",
     "bypass_variants",
     "custom_variant",
+    "lora_variants",
     "parse_blocks",
     "prompt_params",
     "run_sweep",
@@ -158,6 +159,55 @@ def custom_variant(
         vparams["donors"] = ",".join(donors)
     v = Variant(f"custom:{name}", "custom", None, vparams, name, group="custom")
     return PlannedVariant(v, MergeEdit(m.name, pv, tuple(donors), ids=arch.all_ids))
+
+
+def lora_variants(arch: Architecture, lora: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+                  strength: float = 1.0, blocks: Sequence[str] | None = None) -> list[PlannedVariant]:
+    """The article's experiment on a LoRA (LoRA Block Weight's "effective block analyzer", measured).
+
+    The baseline is the model with the whole LoRA; a card shows the model alone (how much the LoRA
+    does at all); for every block the LoRA touches (of ``blocks``), one variant without that block
+    (how much of the LoRA's effect it carries) and one with only that block (what it does alone).
+    BASE (the text encoder) gets the same two, as cards beside the U. All in place, restored bit-exactly.
+    """
+    from ..lora import lora_blocks
+    from ..lora.library import lora_hash
+    from .inplace import LoraEdit
+
+    path = Path(lora)
+    rep = lora_blocks(path, model)
+    if rep.architecture != arch.name:
+        raise BlockmergeError(f"--lora {path}: is a {rep.architecture} LoRA, the model is {arch.name}")
+    touched = [b.block for b in rep.blocks if b.modules]
+    chosen = set(blocks) if blocks is not None else set(arch.block_ids)
+    name = path.stem
+    h = lora_hash(path)
+    s = float(strength)
+
+    def weights(on: Mapping[str, float]) -> BlockWeights:
+        return BlockWeights.from_mapping(arch, {b: on.get(b, 0.0) for b in arch.all_ids})
+
+    full = {b: s for b in arch.all_ids}
+    base = PlannedVariant(Variant("baseline", "baseline", None, {"lora": name, "strength": s},
+                                  f"model + {name} ×{s:g}"), LoraEdit(str(path), weights(full), h))
+    out = [base, PlannedVariant(Variant("lora:none", "lora", None, {"lora": name, "mode": "none"},
+                                        "model alone (no LoRA)", group="lora:cards"), None)]
+    for b in touched:
+        if b != BASE and b not in chosen:
+            continue
+        without = weights({**full, b: 0.0})
+        only = weights({b: s})
+        where = "the text encoder (BASE)" if b == BASE else b
+        block = None if b == BASE else b
+        out.append(PlannedVariant(
+            Variant(f"lora:without:{b}", "lora", block, {"lora": name, "mode": "without", "strength": s},
+                    f"without {where}", group="lora:cards" if block is None else f"lora:{name}:without"),
+            LoraEdit(str(path), without, h)))
+        out.append(PlannedVariant(
+            Variant(f"lora:only:{b}", "lora", block, {"lora": name, "mode": "only", "strength": s},
+                    f"only {where}", group="lora:cards" if block is None else f"lora:{name}:only"),
+            LoraEdit(str(path), only, h)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +338,7 @@ def run_sweep(
     model_name: str | None = None,
     on_variant: Callable[[PlannedVariant, float], None] | None = None,
     overwrite: bool = False,
+    lora_dir: str | os.PathLike[str] | None = None,
 ) -> SweepResult:
     """Generate every (variant, prompt, seed) image into ``out_dir`` and return the sweep description
     (also written as ``out_dir/sweep.json``).
@@ -378,6 +429,7 @@ def run_sweep(
                 todo.append((p, i, missing))
 
     base_emb: dict[int, Any] = {}
+    gen_notes: list[str] = []
     bar = _Progress(n_total, n_cached, progress, f"sweep {name}")
     timings = {"generate_s": 0.0, "switch_s": 0.0, "encode_s": 0.0}
     try:
@@ -416,7 +468,7 @@ def run_sweep(
 
                     t2 = time.perf_counter()
                     generate(model, gparams[i], seeds=missing, batch_size=batch_size, embeddings=emb,
-                             extra_infotext=extra, on_image=save)
+                             extra_infotext=extra, on_image=save, lora_dir=lora_dir, notes=gen_notes)
                     timings["generate_s"] += time.perf_counter() - t2
                 t3 = time.perf_counter()
             timings["switch_s"] += time.perf_counter() - t3
@@ -442,6 +494,7 @@ def run_sweep(
         "dtype": str(model.dtype).removeprefix("torch."),
         "blockmerge": __version__,
         "notes": notes,
+        "warnings": list(dict.fromkeys(gen_notes)),
         "images_made": n_total - n_cached,
         "images_reused": n_cached,
         "timings": {**{k: round(v, 3) for k, v in timings.items()},

@@ -17,6 +17,11 @@ from .. import __version__
 from ..errors import CheckpointError
 
 RECORD_KEY = "blockmerge"
+#: Stability's modelspec fields that describe the weights' kind, not one file: kept from model A
+#: (a merge keeps A's family, training resolution and prediction type; the loader reads them, so a
+#: merge of 64 px models still draws at 64 px). Title, author, hashes and dates are not copied.
+MODELSPEC_KEPT = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                  "modelspec.resolution", "modelspec.prediction_type")
 PLACEHOLDER_LEGACY = "0" * 8
 
 
@@ -92,6 +97,13 @@ def build_metadata(
             if isinstance(nested, dict):
                 for k, v in nested.items():
                     models.setdefault(k, v)
+    inherited: dict[str, str] = {}
+    primary = by_role.get(roles[0]) if roles[0] is not None else None
+    primary = primary or (inputs[0] if inputs else None)
+    for k in MODELSPEC_KEPT:
+        v = (primary.metadata or {}).get(k) if primary is not None else None
+        if isinstance(v, str):
+            inherited[k] = v
     full = dict(record)
     full["inputs"] = [i.as_json() for i in inputs]
     if vae:
@@ -99,6 +111,7 @@ def build_metadata(
     full["tool"] = "blockmerge"
     full["version"] = __version__
     return {
+        **inherited,
         "format": "pt",
         "sd_merge_recipe": _json(recipe),
         "sd_merge_models": _json(models),

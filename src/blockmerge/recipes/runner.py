@@ -196,6 +196,8 @@ class _Plan:
     reports: dict[str, MergeReport]
     shared: list[_Shared]
     warnings: list[str]
+    loras: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # LoRA step -> what each LoRA did
+    lora_blocks: dict[str, list[BlockWeights]] = field(default_factory=dict)  # ... and its block values
 
     def needed(self, step: str, vae: str | None) -> tuple[list[str], list[str]]:
         """The inputs and steps (in recipe order) that ``step`` depends on."""
@@ -209,6 +211,7 @@ class _Plan:
             if s in steps:
                 continue
             steps.add(s)
+            inputs.update(lo.lora for lo in spec.steps[idx[s]].loras)
             for ref in spec.steps[idx[s]].models:
                 if ref in spec.inputs:
                     inputs.add(ref)
@@ -274,12 +277,21 @@ def _plan(recipe: Recipe, stack: contextlib.ExitStack, presets: PresetBook | Non
         return base
 
     nodes: dict[str, Source] = {}
+    lora_records: dict[str, list[dict[str, Any]]] = {}
+    lora_blocks: dict[str, list[BlockWeights]] = {}
     weights: dict[str, ParamValues] = {}
     reports: dict[str, MergeReport] = {}
     warnings: list[str] = []
     for i in order:
         s, name = spec.steps[i], names[i]
         where = f"{src}: step {name!r} (#{i + 1})"
+        if s.loras:
+            node, recs, lwarn, blocks = _lora_step(recipe, s, operand(s.models[0]), paths, stack, book, where)
+            nodes[name], weights[name], reports[name] = node, {}, MergeReport()
+            lora_records[name] = recs
+            lora_blocks[name] = blocks
+            warnings += [f"step {name!r}: {w}" for w in lwarn]
+            continue
         m = get_method(s.method)
         given = s.given_params()
         try:
@@ -303,7 +315,32 @@ def _plan(recipe: Recipe, stack: contextlib.ExitStack, presets: PresetBook | Non
     for n, f in files.items():
         if f.dropped_ema:
             warnings.append(f"input {n!r}: dropped {f.dropped_ema} model_ema.* tensors (keep_ema = true keeps them)")
-    return _Plan(recipe, arch, names, order, paths, files, nodes, weights, reports, list(shared.values()), warnings)
+    return _Plan(recipe, arch, names, order, paths, files, nodes, weights, reports, list(shared.values()), warnings,
+                 lora_records, lora_blocks)
+
+
+def _lora_step(recipe: Recipe, s: Any, model: Source, paths: Mapping[str, Path], stack: contextlib.ExitStack,
+               presets: PresetBook, where: str) -> tuple[Source, list[dict[str, Any]], list[str], list[BlockWeights]]:
+    """A step's LoRAs baked into its model (lazily), as ``lora apply`` does; also each LoRA's block
+    values without its strengths (what the embedded recipe writes back)."""
+    from ..lora import LoraSpec, lora_chain, lora_weights
+
+    specs = []
+    for lo in s.loras:
+        blocks = lo.blocks
+        if isinstance(blocks, list):
+            blocks = ",".join(repr(float(v)) for v in blocks)
+        elif isinstance(blocks, int | float):
+            blocks = repr(float(blocks))
+        specs.append(LoraSpec(paths[lo.lora], float(lo.te if lo.te is not None else lo.strength), float(lo.strength),
+                              blocks, lo.dyn, lo.lora))
+    try:
+        node, records, warnings = lora_chain(model, specs, stack, presets=presets, model_name=model.name)
+        blocks_only = [lora_weights(model.arch, sp.blocks, 1.0, 1.0, presets, f"{where}: blocks") for sp in specs]
+    except BlockmergeError as e:
+        msg = str(e)
+        raise RecipeError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    return node, records, warnings, blocks_only
 
 
 def _what(spec: RecipeSpec, ref: str) -> str:
@@ -436,6 +473,12 @@ def _write_output(
             data["inputs"][n] = {"path": i.path, "sha256": h, "keep_ema": True if i.keep_ema else None}
         for n in steps:
             s = spec.steps[idx[n]]
+            if s.loras:
+                data["steps"].append({"name": n, "models": list(s.models), "loras": [
+                    {"lora": lo.lora, "strength": float(lo.strength), "te": float(lo.te) if lo.te is not None else None,
+                     "blocks": _canon_weights(_lora_weights(plan, n, j)), "dyn": lo.dyn}
+                    for j, lo in enumerate(s.loras)]})
+                continue
             values = plan.weights[n]
             others = {k: _canon_weights(w) for k, w in values.items() if k not in ("alpha", "beta")}
             data["steps"].append({
@@ -448,7 +491,12 @@ def _write_output(
         data["outputs"] = [{"step": step, "dtype": dtype, "format": fmt, "vae": vae}]
         return to_toml(data, EMBED_HEADER)
 
-    record_base = {**method_record(m, plan.arch.name, pv), "dtype": dtype, "format": fmt, "steps": len(steps)}
+    if last.loras:
+        method_part: dict[str, Any] = {"method": "lora", "formula": "A + Σ α·ΔW (each LoRA's ΔW per block, in order)",
+                                       "architecture": plan.arch.name, "space": "model", "loras": plan.loras[step]}
+    else:
+        method_part = method_record(m, plan.arch.name, pv)
+    record_base = {**method_part, "dtype": dtype, "format": fmt, "steps": len(steps)}
     roles = [r if r in spec.inputs else None for r in last.models]
 
     def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
@@ -459,7 +507,7 @@ def _write_output(
         vrec = input_record(inputs.index(vae), vae, plan.paths[vae], hashes, None) if vae else None
         record = {**record_base, "recipe": text(hashes)}
         alpha = pv.get("alpha")
-        return build_metadata(record, records, a1111_method=m.a1111_name,
+        return build_metadata(record, records, a1111_method="LoRA" if last.loras else m.a1111_name,
                               multiplier=alpha["BASE"] if alpha is not None else None,
                               half=dtype == "fp16", vae=vrec, a1111_roles=roles)
 
@@ -470,6 +518,11 @@ def _write_output(
     rec = read_record(final) or {}
     return RecipeOutput(target, step, plan.arch.name, len(node.keys()), written, str(rec.get("recipe", "")),
                         final, [*plan.warnings, *out_report.warnings])
+
+
+def _lora_weights(plan: _Plan, step: str, j: int) -> BlockWeights:
+    """The block values LoRA ``j`` of a LoRA step got, without its strengths (the spec as written back)."""
+    return plan.lora_blocks[step][j]
 
 
 def embedded_recipe(path: str | os.PathLike[str]) -> str | None:

@@ -24,9 +24,17 @@ Example::
     alpha = "GRAD_V"                   # number, 25/26 values, preset, "IN04-IN08=0.5", rules after ';'
     params = { }                       # the method's other parameters, e.g. { k = 0.3, w2 = "IN=0.5" }
 
+    [inputs.style]
+    path = "style-lora.safetensors"    # a LoRA file, for a LoRA step
+
+    [[steps]]
+    name = "styled"                    # a LoRA step: its one model with LoRAs baked in, no method
+    models = ["ab"]
+    loras = [{ lora = "style", strength = 0.8, blocks = "OUTD" }]
+
     [[outputs]]
     path = "ab.safetensors"
-    step = "ab"                        # default: the last step
+    step = "styled"                    # default: the last step
     dtype = "fp16"
 """
 
@@ -75,6 +83,17 @@ class InputSpec(_Strict):
         return v.lower() if v else v
 
 
+class LoraStepSpec(_Strict):
+    """One LoRA of a LoRA step: an input holding a LoRA file, its strength (and the text encoder's,
+    default the same), its block weights (any weight-spec form; blocks left out get 0)."""
+
+    lora: str
+    strength: Number = 1.0
+    te: Number | None = None
+    blocks: WeightValue | None = None
+    dyn: int | None = None
+
+
 class StepSpec(_Strict):
     name: str | None = None
     method: str = "weighted_sum"
@@ -86,6 +105,8 @@ class StepSpec(_Strict):
     params: dict[str, WeightValue] = Field(default_factory=dict)
     clamp: bool = False
     fix_position_ids: bool = False
+    # A LoRA step: its one model with these LoRAs baked in, in order (``lora apply``); no method.
+    loras: list[LoraStepSpec] = Field(default_factory=list)
 
     def given_params(self) -> dict[str, WeightValue]:
         """Every parameter the step gives, α and β included (an error if one is given twice)."""
@@ -208,6 +229,9 @@ def check_graph(spec: RecipeSpec, source: str = "recipe") -> list[int]:
     index = {n: i for i, n in enumerate(names)}
     for i, (s, n) in enumerate(zip(spec.steps, names, strict=True)):
         where = f"{source}: step {n!r} (#{i + 1})"
+        if s.loras:
+            _check_lora_step(spec, s, where, names, index)
+            continue
         m = METHODS.get(s.method)
         if m is None:
             raise RecipeError(f"{where}: unknown method {s.method!r} (choose from {', '.join(METHODS)})")
@@ -244,6 +268,28 @@ def check_graph(spec: RecipeSpec, source: str = "recipe") -> list[int]:
     if dup:
         raise RecipeError(f"{source}: two outputs write {sorted(dup)[0]!r}")
     return order
+
+
+def _check_lora_step(spec: RecipeSpec, s: StepSpec, where: str, names: list[str], index: dict[str, int]) -> None:
+    if len(s.models) != 1:
+        raise RecipeError(f"{where}: a LoRA step takes one model (got {len(s.models)})")
+    ref = s.models[0]
+    if ref not in spec.inputs and ref not in index:
+        raise RecipeError(f"{where}: unknown model {ref!r} (inputs: {', '.join(spec.inputs) or 'none'}; "
+                          f"steps: {', '.join(names)})")
+    given = [k for k in ("alpha", "beta", "base_alpha", "base_beta") if getattr(s, k) is not None]
+    if s.method != "weighted_sum" or given or s.params or s.clamp:
+        what = ", ".join([*given, *(["params"] if s.params else []), *(["clamp"] if s.clamp else []),
+                          *([f"method = {s.method!r}"] if s.method != "weighted_sum" else [])])
+        raise RecipeError(f"{where}: a LoRA step bakes LoRAs into its model and takes no {what}")
+    for j, lo in enumerate(s.loras):
+        if lo.lora not in spec.inputs:
+            raise RecipeError(f"{where}: loras[{j}]: {lo.lora!r} is not an input (declare the LoRA file under "
+                              f"[inputs])")
+        if lo.lora == ref:
+            raise RecipeError(f"{where}: loras[{j}]: {lo.lora!r} is the step's model")
+        if lo.dyn is not None and lo.dyn < 1:
+            raise RecipeError(f"{where}: loras[{j}]: dyn must be at least 1")
 
 
 def _topological(spec: RecipeSpec, names: list[str], index: dict[str, int], source: str) -> list[int]:

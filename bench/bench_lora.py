@@ -1,0 +1,256 @@
+"""LoRA benchmarks (issue 13), each contender in its own process, ratios from the same invocation.
+
+- **apply**: ``lora apply`` of a synthetic rank-128 LoRA (kohya's attention modules and text
+  encoder, real SD1.5 names and shapes) to a synthetic full-size SD1.5 fp16 checkpoint, against the
+  load-everything way (``load_file`` both, ``W += scale·up@down`` per module in float32,
+  ``save_file``). Targets: wall <= 0.5x, peak RSS <= 1.0 GB.
+- **extract**: ``lora extract --rank 64`` on an SD1.5-shaped pair, against a plain per-tensor full
+  ``torch.linalg.svd`` (``full_matrices=False``) of every difference on both models loaded whole.
+  The "tuned" model is the base plus, on every module kohya trains, a full-rank difference with a
+  power-law spectrum (as fine-tunes have; random noise would have a flat one). Targets: wall <=
+  0.3x, peak RSS <= 1.5 GB, the share of ||ΔW||² kept within 1% (absolute) of the exact SVD's for
+  every block.
+
+Reproduce: ``python bench/bench_lora.py`` (needs ~8 GB free disk in bench/out; writes RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+RANK_APPLY = 128
+RANK_EXTRACT = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Children
+# ----------------------------------------------------------------------------------------------
+
+
+def child_apply_blockmerge(model: str, lora: str, out: str) -> None:
+    from blockmerge.lora import LoraSpec, apply_loras
+
+    apply_loras(model, [LoraSpec(Path(lora), 0.8, 0.8)], out, dtype="fp16")
+
+
+def child_apply_load_everything(model: str, lora: str, out: str, mapping: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(model)
+    lo = load_file(lora)
+    targets = json.loads(Path(mapping).read_text())
+    for mod, key in targets.items():
+        up = lo[mod + ".lora_up.weight"].float()
+        down = lo[mod + ".lora_down.weight"].float()
+        r = down.shape[0]
+        scale = float(lo[mod + ".alpha"]) / r * 0.8
+        w = sd[key].float()
+        w += scale * (up.reshape(up.shape[0], -1) @ down.reshape(r, -1)).reshape(w.shape)
+        sd[key] = w.to(torch.float16)
+    save_file(sd, out)
+
+
+def child_extract_blockmerge(tuned: str, base: str, out: str) -> None:
+    from blockmerge.lora import extract_lora
+
+    res = extract_lora(tuned, base, out, rank=RANK_EXTRACT, clamp_quantile=1.0)
+    print(json.dumps({b: k / t for b, (k, t) in res.energy.items()}))
+
+
+def child_extract_svd(tuned: str, base: str, out: str, modules: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    t, b = load_file(tuned), load_file(base)
+    mods = json.loads(Path(modules).read_text())
+    lora: dict[str, torch.Tensor] = {}
+    energy: dict[str, list[float]] = {}
+    for name, key, rows, block in mods:
+        d = t[key].float() - b[key].float()
+        if rows:
+            d = torch.cat([d[lo:hi] for lo, hi in rows])
+        mat = d.reshape(d.shape[0], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        k = min(RANK_EXTRACT, s.numel())
+        e = energy.setdefault(block, [0.0, 0.0])
+        e[0] += float(s[:k].double().pow(2).sum())
+        e[1] += float(s.double().pow(2).sum())
+        lora[name + ".lora_up.weight"] = (u[:, :k] * s[:k]).to(torch.float16).contiguous()
+        lora[name + ".lora_down.weight"] = vh[:k].to(torch.float16).contiguous()
+        lora[name + ".alpha"] = torch.tensor(float(k))
+    save_file(lora, out)
+    print(json.dumps({bl: v[0] / v[1] for bl, v in energy.items()}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inputs(scratch: Path) -> tuple[Path, Path, Path, Path, Path]:
+    """Base SD1.5 fp16 (seed 1), a tuned one (power-law differences on kohya's modules), a rank-128
+    LoRA, and the module lists the load-everything contenders get (name -> key)."""
+    import torch
+
+    from blockmerge.architectures import SD1
+    from blockmerge.architectures.synthetic import write_synthetic
+    from blockmerge.io import atomic_write
+    from blockmerge.io.safetensors_io import SafetensorsStreamWriter
+    from blockmerge.lora.extract import kohya_modules
+    from blockmerge.lora.names import name_table
+    from blockmerge.lora.synthetic import synthetic_lora
+    from blockmerge.lora.writer import write_lora
+    from blockmerge.merge.nodes import FileSource
+
+    base = scratch / "sd15_base.safetensors"
+    if not base.exists():
+        write_synthetic(base, "SD1", size="full", seed=1, dtype=torch.float16)
+    src = FileSource(base)
+    shapes = {k: tuple(src.info(k).shape) for k in src.keys()}
+    table = name_table(SD1, shapes)
+    mods = kohya_modules(SD1, shapes, table, conv=False)
+    tuned = scratch / "sd15_tuned.safetensors"
+    if not tuned.exists():
+        g = torch.Generator().manual_seed(7)
+        by_key: dict[str, list] = {}
+        for m in mods:
+            by_key.setdefault(m.target.key, []).append(m.target)
+        entries = [(k, src.info(k).dtype, shapes[k]) for k in sorted(shapes)]
+        with atomic_write(tuned, overwrite=True) as f:
+            w = SafetensorsStreamWriter(f, entries, dict(src.metadata))
+            for k, _, shape in entries:
+                t = src.get(k)
+                if k in by_key:
+                    t = t.float()
+                    for target in by_key[k]:
+                        out_d, in_d = target.shape[0], int(torch.tensor(target.shape[1:]).prod())
+                        r0 = min(out_d, in_d)
+                        decay = torch.arange(1, r0 + 1, dtype=torch.float32).pow(-0.8)
+                        a = torch.randn(out_d, r0, generator=g) * decay
+                        b = torch.randn(r0, in_d, generator=g) / in_d ** 0.5
+                        delta = torch.zeros(shape)
+                        target.add_into(delta, (a @ b).reshape(target.shape) * 0.02)
+                        t += delta
+                    t = t.to(torch.float16)
+                w.write(k, t)
+            w.finish()
+    lora = scratch / "sd15_rank128.safetensors"
+    if not lora.exists():
+        sd = synthetic_lora(SD1, shapes, rank=RANK_APPLY, seed=3, scale=0.01)
+        write_lora(lora, sd, {"ss_network_module": "networks.lora"}, dtype="fp16", overwrite=True)
+    mapping = scratch / "apply_mapping.json"
+    mapping.write_text(json.dumps({m.name: m.target.key for m in mods if not m.target.rows}))
+    extract_mods = scratch / "extract_modules.json"
+    extract_mods.write_text(json.dumps([[m.name, m.target.key, [list(r) for r in m.target.rows],
+                                         SD1.block_of(m.target.key)] for m in mods]))
+    src.close()
+    return base, tuned, lora, mapping, extract_mods
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(args: list[str], out: Path) -> common.Measurement:
+    if out.exists():
+        out.unlink()
+    env = {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "BLOCKMERGE_CACHE": str(out.parent / "hash-cache")}
+    shutil.rmtree(out.parent / "hash-cache", ignore_errors=True)
+    m = common.measure(common.python_cmd(Path(__file__), "--child", *args), env=env, cwd=REPO)
+    if not out.exists():
+        raise RuntimeError(f"{args[0]} wrote no output {out}")
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs="+")
+    ap.add_argument("--scratch", default=str(REPO / "bench" / "out" / "lora"))
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    a = ap.parse_args()
+    if a.child:
+        name, *rest = a.child
+        {"apply-blockmerge": child_apply_blockmerge, "apply-load-everything": child_apply_load_everything,
+         "extract-blockmerge": child_extract_blockmerge, "extract-svd": child_extract_svd}[name](*rest)
+        return
+    scratch = Path(a.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    free = common.disk_free(scratch)
+    print(f"free disk at {scratch}: {common.fmt_bytes(free)}", flush=True)
+    t0 = time.perf_counter()
+    base, tuned, lora, mapping, extract_mods = make_inputs(scratch)
+    print(f"inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    common.warm_read([base, tuned, lora])
+    runs: dict[str, list[common.Measurement]] = {}
+    outs: dict[str, str] = {}
+    for _ in range(a.repeat):  # interleaved: A B A B, so load drifts hit both alike
+        for name, args, out in (
+            ("apply-blockmerge", [str(base), str(lora)], scratch / "apply_bm.safetensors"),
+            ("apply-load-everything", [str(base), str(lora)], scratch / "apply_le.safetensors"),
+        ):
+            extra = [str(mapping)] if name == "apply-load-everything" else []
+            m = _run([name, *args, str(out), *extra], out)
+            runs.setdefault(name, []).append(m)
+            print(f"{name}: {m.wall_s:.1f} s, {common.fmt_bytes(m.max_rss)} (load {m.load_before:.1f})", flush=True)
+    for name, args, out in (
+        ("extract-blockmerge", [str(tuned), str(base)], scratch / "extract_bm.safetensors"),
+        ("extract-svd", [str(tuned), str(base)], scratch / "extract_svd.safetensors"),
+    ):
+        extra = [str(extract_mods)] if name == "extract-svd" else []
+        m = _run([name, *args, str(out), *extra], out)
+        runs.setdefault(name, []).append(m)
+        outs[name] = m.stdout.strip().splitlines()[-1]
+        print(f"{name}: {m.wall_s:.1f} s, {common.fmt_bytes(m.max_rss)} (load {m.load_before:.1f})", flush=True)
+
+    # agreement: applied weights within fp16 rounding of each other
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(scratch / "apply_bm.safetensors")), load_file(str(scratch / "apply_le.safetensors"))
+    worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in x if x[k].is_floating_point())
+    e_bm, e_svd = json.loads(outs["extract-blockmerge"]), json.loads(outs["extract-svd"])
+    diffs = {b: abs(e_bm[b] - e_svd[b]) for b in e_svd}
+
+    def best(n: str) -> common.Measurement:
+        return min(runs[n], key=lambda m: m.wall_s)
+
+    ab, al = best("apply-blockmerge"), best("apply-load-everything")
+    eb, es = best("extract-blockmerge"), best("extract-svd")
+    rows = [[n, f"{best(n).wall_s:.1f}", f"{best(n).cpu_s:.1f}", common.fmt_bytes(best(n).max_rss),
+             f"{best(n).load_before:.1f} → {best(n).load_after:.1f}"] for n in runs]
+    machine = common.machine_info(("torch", "safetensors"))
+    energy_rows = [[b, f"{e_bm[b]:.4f}", f"{e_svd[b]:.4f}", f"{diffs[b]:.4f}"] for b in e_svd]
+    body = f"""Synthetic full-size SD1.5 fp16 checkpoint (real key names and shapes); `apply`: a rank-{RANK_APPLY} LoRA on kohya's attention modules and the text encoder ({lora.stat().st_size / 1e6:.0f} MB, strength 0.8); `extract`: rank {RANK_EXTRACT} of a tuned copy whose differences on kohya's modules have a power-law spectrum. Each contender in its own process under `/usr/bin/time -v`; apply interleaved, best of {a.repeat}; extract once each. Reproduce: `python bench/bench_lora.py`.
+
+Machine: {", ".join(f"{k}: {v}" for k, v in machine.items())}; free disk {common.fmt_bytes(free)}
+
+{common.md_table(["contender", "wall s", "CPU s", "peak RSS", "load avg before → after"], rows)}
+
+- apply: wall vs load-everything **{ab.wall_s / al.wall_s:.2f}x** (target ≤ 0.5x: {"met" if ab.wall_s / al.wall_s <= 0.5 else "MISSED"}); peak RSS **{common.fmt_bytes(ab.max_rss)}** (target ≤ 1.0 GB: {"met" if ab.max_rss <= 1e9 else "MISSED"}); outputs agree to {worst:.2g} (fp16 rounding of the same float32 sum)
+- extract: wall vs full per-tensor SVD **{eb.wall_s / es.wall_s:.2f}x** (target ≤ 0.3x: {"met" if eb.wall_s / es.wall_s <= 0.3 else "MISSED"}); peak RSS **{common.fmt_bytes(eb.max_rss)}** (target ≤ 1.5 GB: {"met" if eb.max_rss <= 1.5e9 else "MISSED"}); kept energy per block within **{max(diffs.values()):.4f}** of the exact SVD's (target ≤ 0.01: {"met" if max(diffs.values()) <= 0.01 else "MISSED"})
+
+Share of each block's ||ΔW||² that rank {RANK_EXTRACT} keeps:
+
+{common.md_table(["block", "blockmerge", "exact SVD", "|difference|"], energy_rows)}
+"""
+    print(body)
+    if not a.no_write:
+        common.write_results_section("LoRA apply and extract (issue 13)", body)
+
+
+if __name__ == "__main__":
+    main()
