@@ -429,3 +429,23 @@ def test_bad_arguments_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(BlockmergeError, match="floating point"):
         make_state_dict("SD1", dtype=torch.int8)
     assert layout("sdxl") == layout(SDXL.name)
+
+
+@pytest.mark.parametrize("arch", ["SD1", "SD2", "SDXL"])
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_rule_based_ldm_to_diffusers_names_equal_diffusers_converter(arch: str, size: str) -> None:
+    """The diffusers-free inverse (what LoRA name tables use, to spare a LoRA bake the seconds of
+    importing diffusers' single-file code) gives exactly the names diffusers' converter gives."""
+    from blockmerge.architectures import by_name
+    from blockmerge.architectures.ldm_names import unet_ldm_to_diffusers_name
+    from blockmerge.architectures.unet_config import unet_config
+
+    a = by_name(arch)
+    lay = {k: tuple(t.shape) for k, t in a.synthetic(size, None).items()}
+    cfg = unet_config(a, frozenset(lay), lambda k: lay[k], "t", 64)
+    keys = [k for k in lay if k.startswith("model.diffusion_model.")]
+    ref = unet_ldm_to_diffusers_names(keys, cfg)
+    assert len(ref) == len(keys)
+    assert {k: unet_ldm_to_diffusers_name(k, cfg) for k in keys} == ref
+    with pytest.raises(ValueError):
+        unet_ldm_to_diffusers_name("model.diffusion_model.input_blocks.99.7.nothing.weight", cfg)

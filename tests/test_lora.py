@@ -771,3 +771,34 @@ def test_recipe_lora_step_errors(sd1_lora, tiny_sd1_paths, tmp_path, step, msg) 
     with pytest.raises(BlockmergeError, match=msg):
         run_recipe(recipe_from_text(text, tmp_path))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", [SD1, SDXL], ids=lambda a: a.name)
+@pytest.mark.parametrize("conv", [False, True])
+def test_extract_targets_are_kohyas_module_classes(arch, conv) -> None:
+    """The modules extract writes are the Linear / Conv2d layers inside the classes kohya's LoRA
+    network targets (Transformer2DModel; with a conv rank also ResnetBlock2D, Downsample2D,
+    Upsample2D), read off diffusers' own model built on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    from blockmerge.architectures.ldm_names import unet_diffusers_to_ldm_name
+    from blockmerge.architectures.unet_config import unet_config
+    from blockmerge.lora.extract import kohya_modules
+
+    layout = {k: tuple(t.shape) for k, t in arch.synthetic("full", None).items()}
+    table = family_table(arch)
+    cfg = unet_config(arch, frozenset(layout), lambda k: layout[k], "t", 64)
+    if "projection_class_embeddings_input_dim" in cfg:
+        cfg["addition_time_embed_dim"] = 256
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    classes = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv else set())
+    expect = set()
+    for path, mod in unet.named_modules():
+        if type(mod).__name__ in classes:
+            for cname, child in mod.named_modules():
+                if isinstance(child, torch.nn.Linear | torch.nn.Conv2d):
+                    full = f"{path}.{cname}" if cname else path
+                    expect.add(unet_diffusers_to_ldm_name(full + ".weight", cfg))
+    got = {m.target.key for m in kohya_modules(arch, layout, table, conv=conv) if not m.text_encoder}
+    assert got == expect and len(got) > 100

@@ -40,6 +40,7 @@ __all__ = [
     "open_clip_to_ldm",
     "text_encoder_slot",
     "unet_diffusers_to_ldm_name",
+    "unet_ldm_to_diffusers_name",
     "unet_ldm_to_diffusers_names",
     "unet_to_ldm",
     "vae_diffusers_to_ldm_name",
@@ -148,6 +149,67 @@ def unet_diffusers_to_ldm_name(name: str, config: Mapping[str, Any]) -> str:
         has_attention = "CrossAttn" in config["up_block_types"][level]
         return f"{UNET_PREFIX}output_blocks.{n}.{2 if has_attention else 1}.conv.{m[2]}"
     raise ValueError(f"no single-file name for U-Net tensor {name!r}")
+
+
+_LDM_INPUT = re.compile(r"input_blocks\.(\d+)\.(\d+)\.(.+)")
+_LDM_MIDDLE = re.compile(r"middle_block\.(\d+)\.(.+)")
+_LDM_OUTPUT = re.compile(r"output_blocks\.(\d+)\.(\d+)\.(.+)")
+_RESNET_BACK = {v: k for k, v in _UNET_RESNET.items()}
+
+
+def _resnet_back(rest: str) -> str:
+    for ldm, dif in _RESNET_BACK.items():
+        if rest.startswith(ldm + "."):
+            return dif + rest[len(ldm):]
+    return rest
+
+
+def _ldm_candidate(rest: str, config: Mapping[str, Any]) -> str | None:
+    per_level = _layers_per_block(config) + 1
+    for dif, ldm in _UNET_FIXED.items():
+        if rest.startswith(ldm):
+            if ldm.startswith("label_emb") and (config.get("addition_embed_type") is None) != dif.startswith("class"):
+                continue
+            return dif + rest[len(ldm):]
+    m = _LDM_INPUT.fullmatch(rest)
+    if m:
+        n, part, tail = int(m[1]), int(m[2]), m[3]
+        level, j = (n - 1) // per_level, (n - 1) % per_level
+        if part == 0 and tail.startswith("op."):
+            return f"down_blocks.{n // per_level - 1}.downsamplers.0.conv.{tail[3:]}"
+        if part == 0:
+            return f"down_blocks.{level}.resnets.{j}.{_resnet_back(tail)}"
+        return f"down_blocks.{level}.attentions.{j}.{tail}"
+    m = _LDM_MIDDLE.fullmatch(rest)
+    if m:
+        k, tail = int(m[1]), m[2]
+        return f"mid_block.attentions.0.{tail}" if k % 2 else f"mid_block.resnets.{k // 2}.{_resnet_back(tail)}"
+    m = _LDM_OUTPUT.fullmatch(rest)
+    if m:
+        n, part, tail = int(m[1]), int(m[2]), m[3]
+        level, j = n // per_level, n % per_level
+        if part == 0:
+            return f"up_blocks.{level}.resnets.{j}.{_resnet_back(tail)}"
+        if tail.startswith("conv.") and (part == 2 or "CrossAttn" not in config["up_block_types"][level]):
+            return f"up_blocks.{level}.upsamplers.0.conv.{tail[5:]}"
+        return f"up_blocks.{level}.attentions.{j}.{tail}"
+    return None
+
+
+def unet_ldm_to_diffusers_name(key: str, config: Mapping[str, Any]) -> str:
+    """The ``UNet2DConditionModel`` parameter a single-file U-Net key is, without diffusers.
+
+    Why besides :func:`unet_ldm_to_diffusers_names`: that one runs diffusers' converter, and
+    importing diffusers' single-file code costs seconds (47 s on a loaded 2-core machine), which
+    a LoRA bake of a few seconds should not pay. This is the inverse of
+    :func:`unet_diffusers_to_ldm_name`, and every answer is checked against it (a candidate that
+    does not map back to ``key`` is an error); tests prove both agree with diffusers' converter.
+    """
+    rest = key[len(UNET_PREFIX):] if key.startswith(UNET_PREFIX) else key
+    cand = _ldm_candidate(rest, config)
+    if cand is None or unet_diffusers_to_ldm_name(cand, config) != UNET_PREFIX + rest:
+        raise ValueError(f"no diffusers name for U-Net tensor {key!r}")
+    return cand
 
 
 def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:

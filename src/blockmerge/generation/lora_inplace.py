@@ -117,7 +117,7 @@ def loras_applied(loaded: Any, loras: Sequence[InPlaceLora]) -> Iterator[list[st
                                 saved[q] = params[q].detach().clone()
                         w = gather(mem, params, shapes.get(key))
                         a = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
-                        d = delta.get(key).to(a.dtype)
+                        d = delta.get(key).to(a.dtype, copy=True)
                         scatter(mem, d.mul_(alpha).add_(a), params)  # add_delta's kernel, as a file bake
         yield warnings
     finally:

@@ -167,9 +167,17 @@ class LoraDelta:
         return list(self._by_key.get(key, ()))
 
     def get(self, key: str) -> torch.Tensor:
+        mods = self._by_key[key]
+        if len(mods) == 1 and not mods[0].bias and not mods[0].module.dora and not mods[0].target.rows \
+                and not mods[0].target.transpose:
+            # one module on the whole tensor (nearly every key): its ΔW is the answer, no zeros to add into
+            mt = mods[0]
+            d = module_delta(mt.module.kind or "", self.lora.tensors(mt.module), mt.target.shape,
+                             name=f"{self.lora.path}: {mt.module.name}", dyn=self.dyn)
+            return d.to(torch.float32).reshape(self._shapes[key])
         out = torch.zeros(self._shapes[key], dtype=torch.float32)
         weight: torch.Tensor | None = None
-        for mt in self._by_key[key]:
+        for mt in mods:
             m = mt.module
             tensors = self.lora.tensors(m)
             if mt.bias:

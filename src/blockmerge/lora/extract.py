@@ -52,35 +52,37 @@ class KohyaModule:
     text_encoder: bool
 
 
+# kohya's target module classes, by the part of the diffusers path that holds them in a
+# UNet2DConditionModel: Transformer2DModel (attentions.N), ResnetBlock2D (resnets.N), Downsample2D /
+# Upsample2D (downsamplers.0 / upsamplers.0). Their Linear and Conv2d layers are the tensors of 2 or 4
+# dimensions (norms are 1-D). tests/test_lora.py checks this against the classes of diffusers' model.
+_UNET_PARTS = {"attentions": False, "resnets": True, "downsamplers": True, "upsamplers": True}
+
+
 def _unet_modules(arch: Architecture, shapes: dict[str, tuple[int, ...]], table: NameTable,
                   conv: bool) -> list[KohyaModule]:
-    from diffusers import UNet2DConditionModel
-
-    from ..architectures.ldm_names import unet_diffusers_to_ldm_name
+    from ..architectures.ldm_names import unet_ldm_to_diffusers_name
     from ..architectures.unet_config import unet_config
 
     cfg = unet_config(arch, frozenset(shapes), lambda k: shapes[k], "model", 64)
-    if "projection_class_embeddings_input_dim" in cfg:
-        cfg.setdefault("addition_time_embed_dim", 256)  # no parameters depend on it
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    out: dict[str, KohyaModule] = {}
-    for path, module in unet.named_modules():
-        conv_class = _UNET_CLASSES.get(type(module).__name__)
-        if conv_class is None or (conv_class and not conv):
+    out: list[KohyaModule] = []
+    for key, shape in shapes.items():
+        if arch.diffusion_rest(key) is None or not key.endswith(".weight") or len(shape) not in (2, 4):
             continue
-        for cname, child in module.named_modules():
-            if not isinstance(child, torch.nn.Linear | torch.nn.Conv2d):
-                continue
-            key = unet_diffusers_to_ldm_name(f"{path}.{cname}.weight" if cname else f"{path}.weight", cfg)
-            big_kernel = isinstance(child, torch.nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
-            if big_kernel and not conv:
-                continue
-            name = table.native.get((key, ()))
-            if name is None or key in out:
-                continue
-            out[key] = KohyaModule(name, table.targets[name], big_kernel, False)
-    return list(out.values())
+        try:
+            parts = unet_ldm_to_diffusers_name(key, cfg).split(".")
+        except ValueError:
+            continue
+        kind = next((_UNET_PARTS[p] for p in parts if p in _UNET_PARTS), None)
+        if kind is None or (kind and not conv):
+            continue
+        big_kernel = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        if big_kernel and not conv:
+            continue
+        name = table.native.get((key, ()))
+        if name is not None:
+            out.append(KohyaModule(name, table.targets[name], big_kernel, False))
+    return out
 
 
 def _transformer_modules(arch: Architecture, table: NameTable) -> list[KohyaModule]:

@@ -172,7 +172,7 @@ def module_delta(kind: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...
         delta = torch.kron(w1, w2.contiguous())
         scale = _scale(t, rank)
     elif kind == "full":
-        delta = t["diff"]
+        delta = t["diff"].clone()  # callers may scale it in place; never the reader's own tensor
         scale = 1.0
     else:
         raise CheckpointError(f"{name}: unknown LoRA module kind {kind!r}")

@@ -24,7 +24,7 @@ import torch
 
 from ..architectures import Architecture, families
 from ..architectures.base import LoraEncoder
-from ..architectures.ldm_names import text_encoder_slot, unet_ldm_to_diffusers_names
+from ..architectures.ldm_names import text_encoder_slot, unet_ldm_to_diffusers_name
 from ..architectures.unet_config import unet_config
 from ..errors import CheckpointError
 
@@ -107,9 +107,14 @@ def _add_unet(table: NameTable, shapes: Mapping[str, tuple[int, ...]]) -> None:
     keys = [k for k in shapes if arch.diffusion_rest(k) is not None]
     prefix = lora.unet_prefix
     dif_names: dict[str, str] = {}
-    if lora.diffusers_names is None:  # a U-Net family: diffusers' own converter names the modules
+    if lora.diffusers_names is None:  # a U-Net family: its diffusers module paths (checked against
+        # diffusers' converter in the tests; computed without importing it, which costs seconds)
         cfg = unet_config(arch, frozenset(shapes), lambda k: tuple(shapes[k]), "model", 64)
-        dif_names = unet_ldm_to_diffusers_names(keys, cfg)
+        for key in keys:
+            try:
+                dif_names[key] = unet_ldm_to_diffusers_name(key, cfg)
+            except ValueError:
+                continue
     for key in keys:
         mod = _module(key)
         if mod is None or len(shapes[key]) < 1:
