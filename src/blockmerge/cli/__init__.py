@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "blockmerge.cli.generate_cmds",
     "blockmerge.cli.sweep_cmds",
     "blockmerge.cli.recipe_cmds",
+    "blockmerge.cli.ui_cmds",
 )
 
 # Signals that end a command cleanly: the handler raises in the main thread, so the write policy's
