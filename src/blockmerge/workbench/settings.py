@@ -16,6 +16,7 @@ sliders hold, so pasting from either tool works.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,19 +186,22 @@ def read_blocks_text(text: str, arch: Architecture, current: Sequence[float], *,
         raise WeightSpecError(f"{param}: the text box is empty (give {arch.n_blocks} values, a preset or IN04=0.5)")
     book = presets if presets is not None else load_presets()
     ids = list(arch.all_ids)
-    try:
-        v = float(t)
-    except ValueError:
-        v = None
-    if v is not None:
-        w = parse_weights(v, arch, arg=param)  # checks finiteness and float32 range
-        new = [current[i] if b in arch.base_ids else w[b] for i, b in enumerate(ids)]
-        return tuple(new), ""
     # NaN marks what the text leaves alone: it keeps the slider's value.
     w = parse_weights(t, arch, arg=param, keep_a=math.nan, presets=book)
-    new = [current[i] if math.isnan(x) else x for i, x in enumerate(w.values)]
+    head = re.split(r"[;\n]", t, maxsplit=1)[0].strip()
+    one_number = ":" not in head and _is_number(head)
+    new = [current[i] if math.isnan(x) or (one_number and b in arch.base_ids) else x
+           for i, (b, x) in enumerate(zip(ids, w.values, strict=True))]
     rules = ", ".join(r.text for r in w.rules)
     return tuple(new), rules
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def blocks_of(settings: MergeSettings, param: str, arch: Architecture) -> dict[str, float]:
