@@ -38,9 +38,9 @@ def launch(
     announce: bool = True,
 ) -> None:
     """Start the UI and serve until interrupted. Listening beyond loopback needs ``auth`` (USER:PASS)."""
+    require_gradio()  # first: the server module imports gradio's web stack
     from .server import check_bind, is_loopback, parse_auth, private_env
 
-    require_gradio()
     creds = parse_auth(auth)
     if not is_loopback(host) and creds is None:
         raise BlockmergeError(f"--host {host}: listening on an address other than loopback needs --auth USER:PASS")

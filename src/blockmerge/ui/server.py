@@ -18,6 +18,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+
 from ..errors import BlockmergeError
 from ..workbench import Workbench
 
@@ -86,7 +88,7 @@ def build_server(wb: Workbench, blocks: Any, *, auth: tuple[str, str] | None = N
                  port: int = 7860) -> Any:
     """The FastAPI app: ``/outputs/...`` and the gradio ``blocks`` at ``/``."""
     import gradio as gr
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
     from starlette.routing import Mount
 
