@@ -298,7 +298,7 @@ def build_app(wb: Workbench) -> Any:
 
         def header(s: MergeSettings) -> str:
             m = METHODS[s.method]
-            ps = "; ".join(f"**{p.name}** {p.meaning} ({p.kind}, {p.lo:g}..{p.hi:g})"
+            ps = "; ".join(f"**{p.name}** {p.meaning} ({p.kind}, {m.lookup(p.name, len(s.models)).range_text()})"
                            for p in slider_params(m, len(s.models)))
             names = ", ".join(f"{chr(65 + i)} = {n}" for i, n in enumerate(s.models))
             return f"`{m.formula}` — {names} ({s.architecture})" + (f"<br>{ps}" if ps else "")
