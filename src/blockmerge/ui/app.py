@@ -129,6 +129,7 @@ def build_app(wb: Workbench) -> Any:
 
     with gr.Blocks(title="blockmerge", analytics_enabled=False) as demo:
         settings_state = gr.State(None)
+        refs_shown = gr.State(None)  # which reference images this page already shows (not sent again)
         gr.Markdown("## blockmerge\nBlock-weighted merging, previews without a file, sweeps, comparisons and "
                     "recipes; everything stays on this machine.")
         with gr.Tabs():
@@ -440,7 +441,8 @@ def build_app(wb: Workbench) -> Any:
                         concurrency_id="job", concurrency_limit=1, api_name="merge")
 
         @_guarded(preview_info)
-        def do_preview(s: MergeSettings | None, text: str, seed_text: str, progress: Any = progress_marker) -> dict:
+        def do_preview(s: MergeSettings | None, text: str, seed_text: str, shown: Any,
+                       progress: Any = progress_marker) -> dict:
             if s is None:
                 raise BlockmergeError("choose the models first (Models tab)")
             with wb.jobs.run("preview", job_progress(progress)) as job:
@@ -448,13 +450,18 @@ def build_app(wb: Workbench) -> Any:
             t = pv.timings
             info = (f"seeds {','.join(map(str, pv.seeds))}: {t['total_s']:.2f} s (edit {t['apply_s'] * 1000:.0f} ms, "
                     f"images {t['generate_s']:.2f} s, restore {t['restore_s'] * 1000:.0f} ms"
-                    + (f", loading {t['load_s']:.1f} s" if t["load_s"] > 0.05 else "") + ")")
+                    + (f", loading {t['load_s']:.1f} s" if t["load_s"] > 0.05 else "")
+                    + f"); history #{wb.history.entries[-1].id}")
             out = {gal_merged: [(g.image, f"seed {g.seed}") for g in pv.images], preview_info: info}
-            out[gal_a] = [(g.image, f"A, seed {g.seed}") for g in pv.refs.get("A", [])]
-            out[gal_b] = [(g.image, f"B, seed {g.seed}") for g in pv.refs.get("B", [])]
+            key = tuple(id(v) for v in pv.refs.values())  # kept lists: the same objects while unchanged
+            if key != shown:  # A's and B's images only when they changed (each one costs a PNG)
+                out[gal_a] = [(g.image, f"A, seed {g.seed}") for g in pv.refs.get("A", [])]
+                out[gal_b] = [(g.image, f"B, seed {g.seed}") for g in pv.refs.get("B", [])]
+                out[refs_shown] = key
             return out
 
-        preview_btn.click(do_preview, [settings_state, prompt, seeds], [gal_merged, gal_a, gal_b, preview_info],
+        preview_btn.click(do_preview, [settings_state, prompt, seeds, refs_shown],
+                          [gal_merged, gal_a, gal_b, preview_info, refs_shown],
                           concurrency_id="job", concurrency_limit=1, api_name="preview")
 
         # ---------------------------------------------------------------- sweep
