@@ -28,6 +28,7 @@ def ui_server(tmp: Path, *args: str, timeout: float = 240) -> Iterator[tuple[str
     """``(base url, process, log file)`` of a running ``blockmerge ui`` with its output folder in ``tmp``;
     stopped with SIGTERM afterwards."""
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "ui.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BLOCKMERGE_CACHE": str(tmp / "cache"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
