@@ -111,10 +111,16 @@ def test_generate_command(tiny_sd1_paths, tmp_path, capsys):
     assert all(i.steps == 2 and i.sampler == "DDIM" and i.cfg_scale == 6 and i.size == (64, 64) for i in infos)
     assert all("Face restoration" not in i.params for i in infos)
     assert Image.open(pngs[0]).size == (64, 64)
-    # --from-png reproduces an image exactly
+    # --from-png reproduces an image: exactly as the same seed drawn alone; within 1/255 of the image
+    # drawn in a batch of 2 (float rounding of batched convolutions, as the README says)
     again = tmp_path / "again"
     assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(again), "--from-png", str(pngs[1]), "-q"]) == 0
-    assert np.array_equal(_px(Image.open(next(again.glob("*.png")))), _px(Image.open(pngs[1])))
+    alone = tmp_path / "alone"
+    assert main(["generate", str(tiny_sd1_paths[0]), "-o", str(alone), "--infotext-file", str(info), "--steps", "2",
+                 "--seed", "4", "-q"]) == 0
+    reproduced = _px(Image.open(next(again.glob("*.png"))))
+    assert np.array_equal(reproduced, _px(Image.open(next(alone.glob("*.png")))))
+    assert np.abs(reproduced.astype(int) - _px(Image.open(pngs[1])).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize(
