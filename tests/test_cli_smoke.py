@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,14 @@ def test_every_readme_command_runs_on_the_bundled_models(tmp_path: Path, capsys)
                    "tiny-b-outline", "--blocks", "OUT08", "-q")
     assert (lsweep / "index.html").is_file() and "without OUT08" in (lsweep / "index.html").read_text()
     done.add("lora")
+    from _ui import ui_server  # `blockmerge ui` serves until stopped: its own process, then SIGTERM
+
+    with ui_server(tmp_path / "ui") as (url, proc, log):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            page = r.read().decode()
+        assert r.status == 200 and "Block-weighted merging" in page and "tiny-b" in page  # the config the page renders
+    assert proc.returncode is not None and "blockmerge ui: http://127.0.0.1:" in log.read_text()
+    done.add("ui")
 
     assert done == documented_commands(), (documented_commands() - done, done - documented_commands())
 

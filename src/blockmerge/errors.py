@@ -19,6 +19,13 @@ class WeightSpecError(BlockmergeError):
     """A block-weight specification that cannot be parsed or does not fit the architecture."""
 
 
+class Cancelled(BlockmergeError):
+    """A long job (merge, sweep, recipe, preview) stopped because its user asked it to.
+
+    Raised from a progress callback, so it unwinds like any error: the write policy removes the
+    temporary file and nothing partial is left under an output's name."""
+
+
 class BlockmergeWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it as
     ``blockmerge: warning: ...``)."""

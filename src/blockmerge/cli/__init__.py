@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "blockmerge.cli.sweep_cmds",
     "blockmerge.cli.recipe_cmds",
     "blockmerge.cli.lora_cmds",
+    "blockmerge.cli.ui_cmds",
 )
 
 # Signals that end a command cleanly: the handler raises in the main thread, so the write policy's

@@ -73,6 +73,11 @@ class MergeEdit:
 
     Examples: one block scaled by k is ``scaled_sum`` with α = k on that block and 1 elsewhere; one
     block taken from B at ratio r is ``weighted_sum`` with donor B, α = r there and 0 elsewhere.
+
+    ``dtype`` (``fp16``, ``bf16``, ``fp32``, ``fp8_*``) rounds each merged tensor through that
+    storage dtype, as a merge written to a file of that dtype stores it: the live preview of the UI
+    then runs with exactly the weights that ``blockmerge merge --dtype`` writes and a reload reads.
+    ``None`` keeps the compute dtype's values (what the sweeps measure).
     """
 
     method: str
@@ -80,6 +85,7 @@ class MergeEdit:
     donors: tuple[str, ...] = ()
     # The architecture's block ids (BASE first), for methods without parameters; else the params'.
     ids: tuple[str, ...] = ()
+    dtype: str | None = None
 
     def changed_blocks(self) -> list[str]:
         """Blocks some tensor of which differs from A: non-identity block values, or a rule there."""
@@ -96,9 +102,12 @@ class MergeEdit:
         return out
 
     def key(self) -> dict[str, Any]:
-        return {"edit": "merge", "method": self.method, "donors": list(self.donors),
-                "params": {n: w.as_dict() for n, w in sorted(self.params.items())},
-                "rules": {n: [r.text for r in w.rules] for n, w in sorted(self.params.items()) if w.rules}}
+        out = {"edit": "merge", "method": self.method, "donors": list(self.donors),
+               "params": {n: w.as_dict() for n, w in sorted(self.params.items())},
+               "rules": {n: [r.text for r in w.rules] for n, w in sorted(self.params.items()) if w.rules}}
+        if self.dtype is not None:  # only when set: the sweeps' cache keys stay what they were
+            out["dtype"] = self.dtype
+        return out
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,11 @@ class InPlaceModel:
                 raise BlockmergeError(f"edit names model {name!r}, which was not loaded as a donor")
         spaces = [MODEL] * (1 + len(edit.donors))
         stats = self._stats(edit)
+        stored = None
+        if edit.dtype is not None:
+            from ..io import cast_to, output_dtype
+
+            stored = output_dtype(edit.dtype)
         for b in edit.changed_blocks():
             for key, members in self.map.groups(b).items():
                 values = values_for(dict(edit.params), key, b)
@@ -241,6 +255,8 @@ class InPlaceModel:
                     out[:, :n] = m.fn([t[:, :n] for t in ops], values, ctx, spaces)
                 else:
                     out = m.fn(ops, values, ctx, spaces)
+                if stored is not None and out.dtype != stored and out.is_floating_point():
+                    out = cast_to(out, stored)[0]  # as the file stores it (float8: clamped to its range)
                 scatter(members, out, self.params)
 
     def bypass_plan(self, block: str) -> BypassPlan:

@@ -339,6 +339,7 @@ def run_sweep(
     on_variant: Callable[[PlannedVariant, float], None] | None = None,
     overwrite: bool = False,
     lora_dir: str | os.PathLike[str] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> SweepResult:
     """Generate every (variant, prompt, seed) image into ``out_dir`` and return the sweep description
     (also written as ``out_dir/sweep.json``).
@@ -348,7 +349,10 @@ def run_sweep(
     variants take blocks from, by the names their edits use. ``prompts`` are A1111 infotext
     strings (or :class:`GenerationParams`); ``overrides`` (e.g. ``{"steps": 20}``) apply to all.
     A baseline variant is added first when absent. ``inplace`` reuses an :class:`InPlaceModel`
-    (its block map) across sweeps on the same model.
+    (its block map) across sweeps on the same model. ``on_progress(images_done, images_total,
+    variant_label)`` is called after each image (and once at the start, with the cached ones
+    counted); what it raises (a UI's "cancel") stops the sweep with the block restored and every
+    image written so far complete, so a rerun resumes.
     """
     from ..generation.generate import encode_prompts, generate, save_png
 
@@ -431,6 +435,9 @@ def run_sweep(
     base_emb: dict[int, Any] = {}
     gen_notes: list[str] = []
     bar = _Progress(n_total, n_cached, progress, f"sweep {name}")
+    n_done = n_cached
+    if on_progress is not None:
+        on_progress(n_done, n_total, "")
     timings = {"generate_s": 0.0, "switch_s": 0.0, "encode_s": 0.0}
     try:
         by_variant: dict[str, list[tuple[int, list[int]]]] = {}
@@ -458,6 +465,7 @@ def run_sweep(
                         extra = {"Blockmerge variant": "baseline"}
 
                     def save(img: Any, p: PlannedVariant = p, i: int = i) -> None:
+                        nonlocal n_done
                         png, lat = image_paths(p, i, img.seed)
                         check_output_dir((out / png).parent)
                         if save_latents:
@@ -465,6 +473,9 @@ def run_sweep(
                         # last: a PNG present means the pair is complete; overwrite as for the latent
                         save_png(img, out / png, overwrite=True)
                         bar.update(1, p.variant.label)
+                        n_done += 1
+                        if on_progress is not None:
+                            on_progress(n_done, n_total, p.variant.label)
 
                     t2 = time.perf_counter()
                     generate(model, gparams[i], seeds=missing, batch_size=batch_size, embeddings=emb,

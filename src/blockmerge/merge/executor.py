@@ -225,6 +225,7 @@ def write_source(
     report: Any = None,
     stats: dict[str, int] | None = None,
     overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Compute every tensor of ``source`` and write it atomically to ``output``; return bytes written.
 
@@ -233,7 +234,9 @@ def write_source(
     written in a fixed order, so the bytes never depend on ``threads``.
     ``finalize_metadata``, if given, is called after the tensors are written and must return metadata
     no longer than ``metadata`` (fixed-width hashes computed meanwhile). ``stats``, if given, gets
-    ``clamped``: how many values a float8 output clamped to its range.
+    ``clamped``: how many values a float8 output clamped to its range. ``on_progress(done, total)``
+    (bytes) is called as slices are written; an exception it raises (a UI's "cancel") stops the
+    write, and the write policy removes the temporary file.
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
@@ -256,13 +259,22 @@ def write_source(
     worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1, allow_non_finite)
     if stats is not None:
         stats["clamped"] = 0
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        bar.update(n)
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
     try:
         with _torch_threads(1):
             if ckpt:
                 sd: dict[str, torch.Tensor] = {}
                 for t, tensor, _ in _run_tasks(worker, tasks, threads):
                     sd[t.key] = tensor.contiguous()
-                    bar.update(tensor.numel() * tensor.element_size())
+                    advance(tensor.numel() * tensor.element_size())
                 with atomic_write(out, overwrite=overwrite) as f:
                     torch.save({"state_dict": sd}, f)
                 worker.warn(report)
@@ -275,7 +287,7 @@ def write_source(
                     else:
                         writer.write_part(t.key, tensor, t.last)
                         worker.pool.put(buf)  # type: ignore[arg-type]
-                    bar.update(tensor.numel() * tensor.element_size())
+                    advance(tensor.numel() * tensor.element_size())
                 writer.finish()
                 if finalize_metadata is not None:
                     writer.rewrite_metadata(finalize_metadata())
@@ -361,6 +373,7 @@ def write_hashed(
     report: Any = None,
     stats: dict[str, int] | None = None,
     overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Write ``source`` while ``hash_paths`` are hashed on a background thread; return bytes written
     and the final metadata.
@@ -380,7 +393,7 @@ def write_hashed(
     written = write_source(
         source, output, dtype=dtype, fmt=fmt, metadata=placeholder, finalize_metadata=finalize,
         progress=progress, threads=threads, allow_non_finite=allow_non_finite, report=report, stats=stats,
-        overwrite=overwrite,
+        overwrite=overwrite, on_progress=on_progress,
     )
     if not final:
         final.update(make_metadata(hasher.join()))
@@ -408,6 +421,7 @@ def merge(
     presets: PresetBook | None = None,
     progress: bool = False,
     threads: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge checkpoints block by block and write the result (the library form of ``blockmerge merge``).
 
@@ -476,7 +490,7 @@ def merge(
 
         written, final = write_hashed(
             node, out, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress, threads=threads,
-            allow_non_finite=allow_non_finite, report=report, overwrite=overwrite,
+            allow_non_finite=allow_non_finite, report=report, overwrite=overwrite, on_progress=on_progress,
         )
         return MergeResult(out, arch.name, m.name, pv, len(node.keys()), written, report, final)
 

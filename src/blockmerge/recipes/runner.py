@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,13 +359,15 @@ def run_recipe(
     progress: bool = False,
     threads: int = 2,
     allow_non_finite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[RecipeOutput]:
     """Check a recipe completely, then write each of its outputs in one streaming pass per output.
 
     ``output`` replaces the path of a recipe's single output (or adds one for the last step when it
     has none); ``output_dir`` is where relative output paths go (default: the recipe's folder).
     ``verify_hashes=False`` skips the sha256 check of inputs that state one; ``dry_run`` does every
-    check and writes nothing (returns an empty list).
+    check and writes nothing (returns an empty list). ``on_progress(bytes_done, bytes_total)``
+    follows each output's write; what it raises stops the run (nothing partial is left).
     """
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec, src = rec.spec, rec.source
@@ -432,7 +434,7 @@ def run_recipe(
                     raise RecipeError(f"{src}: output {target.name}: vae {o.vae!r}: {e}") from None
             fmt = output_format(target, o.format)
             results.append(_write_output(plan, node, target, step, o.dtype, fmt, o.vae, progress, threads,
-                                         allow_non_finite, overwrite))
+                                         allow_non_finite, overwrite, on_progress))
     return results
 
 
@@ -456,6 +458,7 @@ def _check_distinct_outputs(targets: Sequence[Path], src: str) -> None:
 def _write_output(
     plan: _Plan, node: Source, target: Path, step: str, dtype: str, fmt: str, vae: str | None,
     progress: bool, threads: int, allow_non_finite: bool = False, overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> RecipeOutput:
     spec = plan.recipe.spec
     inputs, steps = plan.needed(step, vae)
@@ -514,7 +517,7 @@ def _write_output(
     out_report = MergeReport()
     written, final = write_hashed(node, target, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress,
                                   threads=threads, allow_non_finite=allow_non_finite, report=out_report,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, on_progress=on_progress)
     rec = read_record(final) or {}
     return RecipeOutput(target, step, plan.arch.name, len(node.keys()), written, str(rec.get("recipe", "")),
                         final, [*plan.warnings, *out_report.warnings])
