@@ -603,7 +603,7 @@ def test_cli_apply_extract_merge_resize(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("argv,msg", [
     (["lora", "apply", "{model}", "nope.safetensors", "-o", "o.safetensors"], "no such file"),
-    (["lora", "apply", "{model}", "{lora}:abc", "-o", "o.safetensors"], "strength 'abc'"),
+    (["lora", "apply", "{model}", "{lora}:abc", "-o", "o.safetensors"], "strength: 'abc' is not a number"),
     (["lora", "apply", "{model}", "{lora}:1:IN99=1", "-o", "o.safetensors"], "unknown block"),
     (["lora", "apply", "{model}", "{model}", "-o", "o.safetensors"], "not a LoRA"),
     (["lora", "apply", "{model}", "{xl_lora}", "-o", "o.safetensors"], "it is a LoRA for Stable Diffusion XL"),

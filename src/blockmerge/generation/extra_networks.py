@@ -13,7 +13,6 @@ its prompt comments, read as A1111 1.10 reads them.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -68,13 +67,9 @@ class LoraCall:
 
 
 def _float(v: str, what: str, text: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise BlockmergeError(f"prompt: {text}: {what} {v!r} is not a number") from None
-    if not math.isfinite(x):
-        raise BlockmergeError(f"prompt: {text}: {what} {v!r} is not a finite number")
-    return x
+    from ..merge.weights import parse_number
+
+    return parse_number(v, f"prompt: {text}: {what}")
 
 
 def _lora_call(net: ExtraNetwork) -> LoraCall:

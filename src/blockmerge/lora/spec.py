@@ -10,7 +10,6 @@ A1111's two multipliers (``<lora:NAME:TE:UNET>``) scale BASE and the diffusion m
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from ..architectures import Architecture
 from ..errors import BlockmergeError, WeightSpecError
 from ..merge.presets import PresetBook
-from ..merge.weights import BlockWeights, parse_weights
+from ..merge.weights import BlockWeights, parse_number, parse_weights
 
 __all__ = ["LoraSpec", "lora_weights", "parse_lora_arg"]
 
@@ -44,13 +43,7 @@ class LoraSpec:
 
 
 def _strength(text: str, arg: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise BlockmergeError(f"{arg}: strength {text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise BlockmergeError(f"{arg}: strength {text!r} is not a finite number")
-    return v
+    return parse_number(text, f"{arg}: strength")
 
 
 def lora_weights(arch: Architecture, blocks: str | None, te: float = 1.0, unet: float = 1.0,

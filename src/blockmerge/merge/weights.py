@@ -122,6 +122,12 @@ _ID = re.compile(r"^([A-Z]+)(\d{1,2})$")
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def parse_number(text: str, arg: str) -> float:
+    """A user's number (a weight, a LoRA strength): finite and within float32, or a one-line error
+    naming ``arg`` and the text."""
+    return _number(text, arg)
+
+
 def _number(text: str, arg: str) -> float:
     t = text.strip()
     try:
