@@ -802,3 +802,24 @@ def test_extract_targets_are_kohyas_module_classes(arch, conv) -> None:
                     expect.add(unet_diffusers_to_ldm_name(full + ".weight", cfg))
     got = {m.target.key for m in kohya_modules(arch, layout, table, conv=conv) if not m.text_encoder}
     assert got == expect and len(got) > 100
+
+
+def test_flux_kohya_lora_by_block_with_lbws_61_values(tmp_path) -> None:
+    """A kohya Flux LoRA (lora_unet_double_blocks_N_..., lora_te1_ CLIP) with LoRA Block Weight's
+    61-value Flux list: only the blocks given a value change, and by exactly that share."""
+    model = write_synthetic(tmp_path / "flux.safetensors", "FLUX", "tiny", seed=1, dtype=torch.float32)
+    arch, shapes = _shapes(model)
+    sd = synthetic_lora(arch, shapes, rank=2, seed=8, scale=0.3)
+    assert any(k.startswith("lora_unet_double_blocks_") for k in sd) and any(k.startswith("lora_te1_") for k in sd)
+    lp = tmp_path / "flux-lora.safetensors"
+    save_file(sd, str(lp))
+    ids = ["CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT"]
+    values = {"CLIP": 0.0, "D00": 1.0, "S05": 0.5}
+    spec = ",".join(str(values.get(i, 0.0)) for i in ids)
+    out = tmp_path / "o.safetensors"
+    apply_loras(model, [LoraSpec(lp, 1.0, 1.0, spec)], out, dtype="fp32")
+    exp = _expected(model, sd, lambda b: values.get(b, 0.0))
+    got, a = load_file(str(out)), load_file(str(model))
+    changed = {k for k in a if not torch.equal(a[k], got[k])}
+    assert changed and {arch.block_of(k) for k in changed} == {"D00", "S05"}
+    assert max(float((got[k].double() - exp[k]).abs().max()) for k in a) < 1e-5
