@@ -180,10 +180,10 @@ def _run(args_list: list[str]) -> int:
         return _error("no command given (`blockmerge --help` lists them)")
     debug = bool(getattr(args, "debug", False))
     _quiet_libraries(debug)
-    from ..io import input_guard
+    from ..io import input_guard, made_folders_guard
 
     try:
-        with input_guard(), _warnings_to_stderr(debug):
+        with input_guard(), made_folders_guard(), _warnings_to_stderr(debug):
             return int(args.func(args) or 0)
     except BlockmergeError as e:
         if debug:

@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 
 from ..architectures import Layout, by_name
 from ..errors import BlockmergeError
-from ..io import atomic_write, check_output_dir, note_input, write_text
+from ..io import atomic_write, check_output_dir, made_folders_guard, note_input, write_text
 from ..io.atomic import utf8
 from .heatmap import colour_for, format_value, layout_positions, normalise, text_colour_for, u_heatmap_svg
 from .metrics import METRICS, AggregateRow, Metric, MetricsTable, json_number, rank_blocks, sweep_metrics
@@ -572,6 +572,7 @@ def _heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable, metrics: 
     return out
 
 
+@made_folders_guard()  # a failure removes the (empty) folders this call made, as the CLI does
 def write_report(out_dir: Path, result: SweepResult, metrics_table: MetricsTable | None = None, *,
                  title: str | None = None, thumb_size: int | None = 256, copy_images: bool = False,
                  overwrite: bool = False) -> Path:
