@@ -567,3 +567,49 @@ def test_a_legacy_checkpoint_in_protocol_2_still_reads(work, capsys):
     torch.save({"state_dict": load_file(a)}, p, _use_new_zipfile_serialization=False)
     code, out, err = run_cli(["info", p, "--no-hash"], capsys)
     assert code == 0 and "pickle" in out, err
+
+
+BAD_RECORDS_DEEP = {**BAD_RECORDS, "nested past the recursion limit": "[" * 100_000 + "]" * 100_000}
+
+
+@pytest.mark.parametrize("how", sorted(BAD_RECORDS_DEEP))
+@pytest.mark.parametrize("role", ["A", "B", "recipe input", "compare"])
+def test_a_garbled_merge_record_does_not_block_using_the_weights(work, capsys, how, role):
+    """Was: "error: file: its blockmerge merge record ... is not valid JSON" - naming no file, and
+    refusing a valid checkpoint over metadata a merge does not need. Now: a warning naming the file,
+    and the weights merged as a model's, exactly as the same file without the record."""
+    from safetensors.torch import load_file
+
+    folder, a, b = work
+    rec = folder / "record.safetensors"
+    save_file(load_file(a), rec, metadata={"blockmerge": BAD_RECORDS_DEEP[how],
+                                           "sd_merge_recipe": BAD_RECORDS_DEEP[how]})
+    clean = folder / "clean.safetensors"
+    save_file(load_file(a), clean)
+    outs = []
+    for src in (rec, clean):
+        out = folder / f"o-{src.stem}.safetensors"
+        if role == "compare":
+            argv = ["compare", src, b, "-q", "--json"]
+        elif role == "recipe input":
+            r = folder / f"r-{src.stem}.toml"
+            r.write_text(f'version = 1\n[inputs.A]\npath = "{src.name}"\n[inputs.B]\npath = "b.safetensors"\n'
+                         f'[[steps]]\nmodels = ["A", "B"]\nalpha = 0.3\n[[outputs]]\npath = "{out.name}"\n')
+            argv = ["run", r, "-q"]
+        else:
+            pair = [src, b] if role == "A" else [b, src]
+            argv = ["merge", *pair, "-o", out, "--alpha", "0.3", "-q"]
+        code, stdout, err = run_cli(argv, capsys)
+        assert code == 0, err
+        if src == rec:
+            warn = [ln for ln in err.splitlines() if "merge record" in ln]
+            assert len(warn) == 1 and str(rec) in warn[0] and warn[0].startswith("blockmerge: warning:"), err
+        else:
+            assert "merge record" not in err
+        outs.append(json.loads(stdout) if role == "compare" else load_file(out))
+    if role == "compare":
+        assert {**outs[0], "a": None} == {**outs[1], "a": None}  # the same numbers; only A's name differs
+    else:
+        assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    code, _, err = run_cli(["info", rec, "--no-hash"], capsys)  # info still reports the record
+    assert code == 2 and "record.safetensors: its blockmerge merge record" in err, err
