@@ -62,18 +62,26 @@ def _json_island(data: Any) -> str:
 
 
 def safe_href(href: str) -> str | None:
-    """``href`` if it is a relative link or an http(s) URL, else None (``javascript:``, ``data:``,
-    ``file:`` and anything with control characters are never written into a link)."""
+    """``href`` if it is a same-site relative link or an absolute http(s) URL, else None.
+
+    Refused: other schemes (``javascript:``, ``data:``, ``file:``), anything with control characters,
+    and off-site links that look relative: ``//evil.com/x`` (protocol-relative), and ``\\evil/x`` or
+    ``/\\evil.com``, because browsers read a backslash as a slash in http(s) and file URLs.
+    """
     h = str(href).strip()
     if not h or any(ord(c) < 0x20 or ord(c) == 0x7F for c in h):
         return None
+    as_browser = h.replace("\\", "/")  # what a browser parses (tabs and newlines were refused above)
     try:
-        scheme = urlsplit(h).scheme.lower()
+        parts = urlsplit(as_browser)
     except ValueError:
         return None
-    if scheme and scheme not in ("http", "https"):
-        return None
-    if not scheme and ":" in h.split("/", 1)[0]:
+    scheme = parts.scheme.lower()
+    if scheme:
+        return h if scheme in ("http", "https") and parts.netloc else None
+    if as_browser.startswith("//"):
+        return None  # another host, whatever scheme the page was opened with
+    if ":" in as_browser.split("/", 1)[0]:
         return None  # "javascript&colon;..." style tricks the browser may read as a scheme
     return h
 
