@@ -613,3 +613,28 @@ def test_a_garbled_merge_record_does_not_block_using_the_weights(work, capsys, h
         assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     code, _, err = run_cli(["info", rec, "--no-hash"], capsys)  # info still reports the record
     assert code == 2 and "record.safetensors: its blockmerge merge record" in err, err
+
+
+BAD_EMBEDDED_RECIPES = {
+    "not TOML": "version = 1\n[[steps]\nmodels = [",
+    "a TOML value error": 'version = = 1',
+    "no steps": "version = 1\n[inputs.A]\npath = \"a.safetensors\"\n",
+    "unknown method": 'version = 1\n[inputs.A]\npath = "a"\n[inputs.B]\npath = "b"\n[[steps]]\nmethod = "nope"\n'
+                      'models = ["A", "B"]\n',
+    "a cycle": 'version = 1\n[inputs.A]\npath = "a"\n[[steps]]\nname = "x"\nmodels = ["y", "A"]\n[[steps]]\n'
+               'name = "y"\nmodels = ["x", "A"]\n',
+    "escape codes": 'version = 1\n\x1b[2J[inputs.A]\n',
+}
+
+
+@pytest.mark.parametrize("how", sorted(BAD_EMBEDDED_RECIPES))
+def test_info_recipe_refuses_an_embedded_recipe_that_would_not_run(work, capsys, how):
+    """Was: the text printed with exit code 0, as if it could be rerun."""
+    from safetensors.torch import load_file
+
+    folder, a, _ = work
+    rec = folder / "embedded.safetensors"
+    save_file(load_file(a), rec, metadata={"blockmerge": json.dumps({"recipe": BAD_EMBEDDED_RECIPES[how]})})
+    check(work, capsys, [rec], ["info", "--recipe", rec], "embedded.safetensors: its embedded recipe")
+    code, out, _ = run_cli(["info", "--recipe", rec], capsys)
+    assert out == ""  # nothing of it printed

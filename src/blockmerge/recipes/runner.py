@@ -503,9 +503,16 @@ def _write_output(
 
 
 def embedded_recipe(path: str | os.PathLike[str]) -> str | None:
-    """The recipe text blockmerge embedded in a merged file (None for files without one)."""
+    """The recipe text blockmerge embedded in a merged file (None for files without one).
+
+    The text is checked as ``run`` would check it (TOML, schema, names, steps) before it is handed
+    out: ``info --recipe`` exists to print a recipe that can be rerun, so a hand-edited or foreign
+    one that cannot is a :class:`RecipeError` naming the file, not text printed with exit code 0.
+    """
     with open_checkpoint(path) as r:
         rec = read_record(r.metadata, str(path))
     if not rec or not rec.get("recipe"):
         return None
-    return str(rec["recipe"])
+    text = str(rec["recipe"])
+    parse_recipe(text, f"{path}: its embedded recipe")
+    return text
