@@ -12,14 +12,19 @@ from .generate_cmds import add_prediction_option
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     from ..errors import BlockmergeError
-    from ..io.text import read_user_text
+    from ..io.text import read_user_text, split_lines
 
     prompts = list(args.prompt or [])
     for f in args.prompt_file or []:
         text = read_user_text(f, f"--prompt-file {f}")
         # One infotext per file, or several separated by a line holding only "---".
-        parts = [p.strip() for p in text.replace("\r\n", "\n").split("\n---\n")]
-        prompts += [p for p in parts if p]
+        parts: list[list[str]] = [[]]
+        for line in split_lines(text):
+            if line == "---":
+                parts.append([])
+            else:
+                parts[-1].append(line)
+        prompts += [p for p in ("\n".join(lines).strip() for lines in parts) if p]
     if not prompts:
         raise BlockmergeError("give at least one --prompt (A1111 infotext) or --prompt-file")
     return prompts
