@@ -88,7 +88,7 @@ def test_multiline_prompts_and_quoted_values() -> None:
     assert "Tiling" not in info.params  # a bare word is no pair for A1111's reader: skipped, with a note
     assert any("'Tiling'" in n for n in info.notes)
     assert info.cfg_scale == 7.5 and info.clip_skip == 2 and (info.width, info.height) == (640, 768)
-    assert unsupported_fields(info) == ["Lora hashes", "Note"]
+    assert unsupported_fields(info) == ["Note"]  # Lora hashes are applied since in-place LoRA (4820959)
     again = format_infotext(info)
     assert 'Lora hashes: "a: 1a2b, b: 3c4d"' in again
     assert parse_infotext(again) == info
