@@ -33,7 +33,8 @@ NASTY = ["</script>", "<!--<script>", "<script>alert(1)</script>", "-->", "<!--"
 hostile = st.lists(st.sampled_from(NASTY) | st.text(max_size=8), min_size=1, max_size=6).map("".join)
 HREFS = ["javascript:alert(1)", " JaVaScRiPt:alert(1)", "java\tscript:alert(1)", "\x01javascript:x",
          "data:text/html,<script>alert(1)</script>", "vbscript:x", "file:///etc/passwd", "jav&#x09;ascript:x",
-         "https://example.org/a?b=<c>", "http://x", "reverse/index.html", "../index.html", "a b.html", "//host/x"]
+         "https://example.org/a?b=<c>", "http://x", "reverse/index.html", "../index.html", "a b.html", "//host/x",
+         "//evil.com/x", "\\\\evil/x", "/\\evil.com", "\\/evil.com", " //evil.com", "https:evil.com", "/index.html"]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +119,8 @@ def test_the_report_escapes_everything_it_embeds(tmp_path_factory, base_sweep, p
     data = json.loads(island)
     assert data["prompts"] == [_clean(x) for x in prompts]
     assert data["cells"][variants[2].group]["M00"]["label"] == (_clean(label) if label else variants[2].id)
-    # read_text() translates newlines (universal newlines: "\r\n" and a lone "\r" both become "\n"),
-    # as a browser's input stream does
-    assert "".join(_Page_data(page, "prompt-text")) == _clean(prompts[0]).replace("\r\n", "\n").replace("\r", "\n") \
+    # HTML turns every line break (\r\n, and a lone \r too) into \n; nothing else may change.
+    assert "".join(_Page_data(page, "prompt-text")) == re.sub(r"\r\n?", "\n", _clean(prompts[0])) \
         or "".join(_Page_data(page, "prompt-text")) == _clean(prompts[0])
     for svg in (out / "heatmaps").glob("*.svg"):
         ET.fromstring(svg.read_text(encoding="utf-8"))  # a well-formed XML document, whatever the group name
@@ -133,12 +133,56 @@ def _Page_data(page: str, ident: str) -> list[str]:
 
 
 SAFE_HREFS = {"https://example.org/a?b=<c>", "http://x", "reverse/index.html", "../index.html", "a b.html",
-              "//host/x"}
+              "/index.html"}
 
 
 @pytest.mark.parametrize("href", HREFS)
 def test_only_http_https_and_relative_links_survive(href: str) -> None:
     assert (safe_href(href) is not None) == (href in SAFE_HREFS)
+
+
+def _as_a_browser_reads(href: str) -> tuple[str, str]:
+    """(scheme, host) of ``href`` as a WHATWG URL parser resolves it against an http(s) or file page:
+    leading/trailing C0 controls and spaces dropped, tabs and newlines removed, a backslash read as a
+    slash; "" for the host of a same-site link."""
+    h = href.strip("".join(map(chr, range(0x21)))).replace("\t", "").replace("\n", "").replace("\r", "")
+    h = h.replace("\\", "/")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", h, re.S)
+    if m:
+        rest = m.group(2).lstrip("/")
+        return m.group(1).lower(), rest.split("/", 1)[0]
+    if h.startswith("//"):
+        return "", h[2:].split("/", 1)[0] or "?"
+    return "", ""
+
+
+slashes = st.text(st.sampled_from("/\\ \t"), max_size=4)
+hosts = st.sampled_from(["evil.com", "evil", "127.0.0.1", "evil.com:8080", "user@evil.com", ""])
+paths = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)
+schemes = st.sampled_from(["", "http:", "https:", "HTTPS:", "javascript:", "data:", "file:", "jAvAsCrIpT:", "ftp:"])
+hrefs = st.builds(lambda sc, sl, h, p: sc + sl + h + ("/" if p else "") + p, schemes, slashes, hosts, paths) | \
+    st.sampled_from(HREFS)
+
+
+@settings(max_examples=500, deadline=None)
+@given(href=hrefs)
+def test_a_link_that_survives_stays_on_the_site_or_is_http(href: str) -> None:
+    """Whatever mix of slashes, backslashes, spaces and schemes: a kept link is same-site (no host) or
+    an absolute http(s) URL, as a browser would resolve it."""
+    safe = safe_href(href)
+    if safe is None:
+        return
+    scheme, host = _as_a_browser_reads(safe)
+    assert (scheme == "" and host == "") or (scheme in ("http", "https") and host), (href, scheme, host)
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\:"),
+                             min_size=1, max_size=8).filter(lambda s: s.strip() == s), min_size=1, max_size=4))
+def test_plain_relative_paths_are_kept_as_they_are(path: list[str]) -> None:
+    href = "/".join(path)
+    assert safe_href(href) == href
+    assert safe_href("../" + href) == "../" + href
 
 
 # ---- TOML ------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_recipe_errors_without_files(edit, message: str, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace("alpha = 0.5", "alpha = [0.5, 0.5, 0.5]"), r"step 'ab' \(#1\): alpha: the list has 3 values; SD1 needs 1, 25 \(blocks\) or 26"),
+        (lambda t: t.replace("alpha = 0.5", "alpha = [0.5, 0.5, 0.5]"), r"step 'ab' \(#1\): alpha: the list has 3 values; SD1 needs 1, 25 \(blocks\), 26"),
         (lambda t: t.replace("alpha = 0.5", "alpha = " + str([0.1] * 24)), r"step 'ab' \(#1\): alpha: the list has 24 values"),
         (lambda t: t.replace("alpha = 0.5", 'alpha = "NOPE"'), r"step 'ab' \(#1\): alpha: unknown preset 'NOPE'"),
         (lambda t: t.replace("alpha = 0.5", 'alpha = "IN13=1"'), r"step 'ab' \(#1\): alpha: unknown block 'IN13'"),

@@ -163,3 +163,120 @@ def test_readable_form_errors(bad, msg):
 def test_base_given_twice():
     with pytest.raises(WeightSpecError, match="BASE is given both"):
         parse_weights("IN04=0.5,BASE=0.2", SD1, base=0.3)
+
+
+# ---- specs that hold nothing, and BASE values named as given (issue 10 audit) -----------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from blockmerge.cli import main  # noqa: E402
+from blockmerge.merge import resolve_params  # noqa: E402
+from blockmerge.merge.methods import METHODS  # noqa: E402
+from blockmerge.recipes import RecipeError, recipe_from_text, run_recipe  # noqa: E402
+
+separators_only = st.text(st.sampled_from(";,\n\r\t "), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=separators_only)
+def test_a_spec_of_separators_only_is_an_error_not_keep_a(spec: str) -> None:
+    """``--alpha ';'`` used to mean "rules only, no rules": every block kept model A, exit 0."""
+    with pytest.raises(WeightSpecError, match=r"^--alpha: "):
+        parse_weights(spec, SD1, arg="--alpha")
+
+
+def _every_parameter() -> list[tuple[str, int, str]]:
+    out = []
+    for m in METHODS.values():
+        n = m.min_operands
+        out += [(m.name, n, name) for name in m.param_names(n)]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(_every_parameter()), spec=separators_only)
+def test_every_parameter_of_every_method_refuses_an_empty_spec(case, spec: str) -> None:
+    method, n, name = case
+    m = METHODS[method]
+    given = {other: _valid(m.lookup(other, n)) for other in m.param_names(n) if other != name}
+    given[name] = spec
+    with pytest.raises(WeightSpecError, match=f"--param {name}: |--{name}: "):
+        resolve_params(m, SD1, n, given, given_as={"alpha": "--alpha", "beta": "--beta"})
+
+
+def _valid(p) -> float:
+    """A value inside the parameter's range (the other parameters must not fail first)."""
+    import math
+
+    if p.kind == "bool":
+        return 1.0
+    lo, hi = p.lo, p.hi
+    v = (lo + hi) / 2 if math.isfinite(lo) and math.isfinite(hi) else lo + 1 if math.isfinite(lo) else \
+        hi - 1 if math.isfinite(hi) else 0.5
+    return float(round(v)) if p.kind == "int" else v
+
+
+RECIPE = ('version = 1\n[inputs.A]\npath = "a.safetensors"\n[inputs.B]\npath = "b.safetensors"\n'
+          '[inputs.C]\npath = "c.safetensors"\n[[steps]]\nname = "s"\nmethod = "{method}"\nmodels = {models}\n{lines}\n')
+
+
+@pytest.mark.parametrize("field,spec", [("alpha", ";"), ("alpha", ",;"), ("alpha", "\n"), ("beta", " ; "),
+                                        ("params", "{ alpha = ';' }")])
+def test_a_recipe_with_an_empty_spec_names_the_step_and_parameter(recipe_dir: Path, field, spec) -> None:
+    method, models = ("add_difference", '["A", "B", "C"]') if field != "beta" else ("sum_twice", '["A", "B", "C"]')
+    line = f"params = {spec}" if field == "params" else f"{field} = {tomllib_quote(spec)}"
+    if field == "beta":
+        line = f"alpha = 0.5\n{line}"
+    text = RECIPE.format(method=method, models=models, lines=line)
+    rec = recipe_from_text(text, recipe_dir, "r.toml")
+    with pytest.raises(RecipeError, match=r"r\.toml: step 's' \(#1\): (alpha|beta): (.* holds no weights|empty weight specification)"):
+        run_recipe(rec, output=recipe_dir / "o.safetensors", dry_run=True, verify_hashes=False)
+
+
+def tomllib_quote(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+@pytest.fixture
+def recipe_dir(tmp_path: Path, tiny_sd1_paths) -> Path:
+    for name, src in zip("abc", tiny_sd1_paths, strict=True):
+        (tmp_path / f"{name}.safetensors").symlink_to(src)
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e39", "-1e39"])
+@pytest.mark.parametrize("base", ["base_alpha", "base_beta"])
+def test_a_bad_base_value_in_a_recipe_is_named_as_written(recipe_dir: Path, base: str, bad: str) -> None:
+    """``base_alpha = nan`` was reported as ``alpha: 'nan' is not a finite number``."""
+    lines = f"alpha = 0.5\nbeta = 0.5\n{base} = {bad}" if base == "base_beta" else f"alpha = 0.5\n{base} = {bad}"
+    method = "sum_twice" if base == "base_beta" else "weighted_sum"
+    models = '["A", "B", "C"]' if base == "base_beta" else '["A", "B"]'
+    text = RECIPE.format(method=method, models=models, lines=lines)
+    rec = recipe_from_text(text, recipe_dir, "r.toml")
+    with pytest.raises(RecipeError, match=rf"r\.toml: step 's' \(#1\): {base}: "):
+        run_recipe(rec, output=recipe_dir / "o.safetensors", dry_run=True, verify_hashes=False)
+
+
+@pytest.mark.parametrize("arg", ["--alpha", "recipe: step 'x' (#1): beta", "--param alpha", "w2"])
+def test_the_base_name_follows_how_the_parameter_was_named(arg: str) -> None:
+    with pytest.raises(WeightSpecError) as e:
+        parse_weights("0.5", SD1, arg=arg, base=float("nan"))
+    want = {"--alpha": "--base-alpha", "recipe: step 'x' (#1): beta": "recipe: step 'x' (#1): base_beta",
+            "--param alpha": "--param base_alpha", "w2": "base_w2"}[arg]
+    assert str(e.value).startswith(want + ": "), e.value
+
+
+@pytest.mark.parametrize("argv", [["--alpha", ";"], ["--alpha", "0.5", "--beta", ";", "--method", "sum_twice"],
+                                  ["--param", "alpha=;"], ["--alpha", " , ; "]])
+def test_the_cli_refuses_an_empty_spec_and_writes_nothing(recipe_dir: Path, capsys, argv) -> None:
+    models = [recipe_dir / "a.safetensors", recipe_dir / "b.safetensors"]
+    if "sum_twice" in argv:
+        models.append(recipe_dir / "c.safetensors")
+    out = recipe_dir / "o.safetensors"
+    code = main(["merge", *map(str, models), "-o", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no weights" in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -9,6 +9,7 @@ every way of naming an input, every output format x a full disk, hypothesis over
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -74,27 +75,69 @@ def work(tmp_path: Path, tiny_sd1_paths):
     (tmp_path / "r.toml").write_text(
         'version = 1\n[inputs.A]\npath = "a.safetensors"\n[inputs.B]\npath = "b.safetensors"\n'
         '[[steps]]\nmodels = ["A", "B"]\nalpha = 0.5\n', encoding="utf-8")
+    (tmp_path / "r.mecha").write_text(  # sd-mecha's serialised form, naming the two checkpoints
+        f'version 0.1.0\nmodel "{a}" model_config="sd1-ldm" merge_space="weight"\n'
+        f'model "{b}" model_config="sd1-ldm" merge_space="weight"\ndict key=0.3\n'
+        'literal &2 model_config="singleton-mecha" merge_space=null\nmerge "convert_singleton" &3\n'
+        'merge "weighted_sum" &0 &1 &4\n', encoding="utf-8")
+    # Inputs named as a folder writer names its outputs: a prompt file called results.csv (a sweep's
+    # report writes one), an infotext called 00000-1.png (generate's first image of seed 1), and a
+    # sweep image kept as index.html (the report's page).
+    (tmp_path / "results.csv").write_text("a red circle\n", encoding="utf-8")
+    (tmp_path / "00000-1.png").write_text("a red circle\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, "
+                                          "Size: 64x64\n", encoding="utf-8")
+    _sweep_with_an_image_named(tmp_path / "sw", "index.html")
     return tmp_path
 
 
-# Every command that writes a file, as (argv with OUT for the output, the files it reads).
+def _sweep_with_an_image_named(root: Path, name: str) -> None:
+    from blockmerge.experiments.results import ImageRecord, SweepResult
+    from test_report import make_sweep
+
+    res = make_sweep(root, "SD1", ["IN00"], prompts=1, seeds=[1])
+    first = res.images[0]
+    (root / first.path).rename(root / name)
+    res.images[0] = ImageRecord(first.variant, first.prompt, first.seed, name, None)
+    res.save(overwrite=True)
+    assert SweepResult.load(root).images[0].path == name
+
+
+# Every command that writes a file, as (argv with OUT for the output, the files it reads, and for a
+# command whose output is a folder the name it writes in it). A recipe importer's inputs include the
+# checkpoints the recipe it writes names: the TOML must never replace them.
 WRITERS = {
     "merge": (["merge", "{a}", "{b}", "-o", "OUT", "--alpha", "MINE", "--presets", "{presets}", "-q"],
-              ["a.safetensors", "b.safetensors", "presets.tsv"]),
+              ["a.safetensors", "b.safetensors", "presets.tsv"], None),
     "merge-vae": (["merge", "{a}", "{b}", "-o", "OUT", "--alpha", "0.5", "--vae", "{b}", "-q"],
-                  ["a.safetensors", "b.safetensors"]),
+                  ["a.safetensors", "b.safetensors"], None),
     "merge-ckpt": (["merge", "{a}", "{b}", "-o", "OUT", "--alpha", "0.5", "--format", "ckpt", "-q"],
-                   ["a.safetensors", "b.safetensors"]),
-    "run": (["run", "{recipe}", "-o", "OUT", "-q"], ["a.safetensors", "b.safetensors", "r.toml"]),
-    "import-mergeboard": (["import-mergeboard", "{board}", "-o", "OUT", "-q"], ["board.txt"]),
-    "compare-svg": (["compare", "{a}", "{b}", "--svg", "OUT", "-q"], ["a.safetensors", "b.safetensors"]),
+                   ["a.safetensors", "b.safetensors"], None),
+    "run": (["run", "{recipe}", "-o", "OUT", "-q"], ["a.safetensors", "b.safetensors", "r.toml"], None),
+    "import-mergeboard": (["import-mergeboard", "{board}", "--model", "A={a}", "--model", "B={b}", "-o", "OUT", "-q"],
+                          ["board.txt", "a.safetensors", "b.safetensors"], None),
+    "import-mecha": (["import-mecha", "{mecha}", "-o", "OUT", "-q"], ["r.mecha", "a.safetensors", "b.safetensors"],
+                     None),
+    "compare-svg": (["compare", "{a}", "{b}", "--svg", "OUT", "-q"], ["a.safetensors", "b.safetensors"], None),
+    # Folder writers: OUT is the folder; the input lies in it under the name the command writes.
+    "report": (["report", "{sweep}", "-o", "OUT"], ["sw/index.html"], "index.html"),
+    "sweep": (["sweep", "tiny-a", "-o", "OUT", "--prompt-file", "{work}/results.csv", "--scale", "0.5", "--seeds",
+               "1", "--blocks", "IN00", "--steps", "1", "-q"], ["results.csv"], "results.csv"),
+    "generate": (["generate", "tiny-a", "-o", "OUT", "--infotext-file", "{work}/00000-1.png", "-q"],
+                 ["00000-1.png"], "00000-1.png"),
 }
+FILE_WRITERS = sorted(w for w, (_, _, inside) in WRITERS.items() if inside is None)
 
 
 def _argv(work: Path, argv: list[str], out: object) -> list[str]:
     subst = {"{a}": work / "a.safetensors", "{b}": work / "b.safetensors", "{presets}": work / "presets.tsv",
-             "{recipe}": work / "r.toml", "{board}": work / "board.txt"}
-    return [str(out) if x == "OUT" else str(subst.get(x, x)) for x in argv]
+             "{recipe}": work / "r.toml", "{board}": work / "board.txt", "{mecha}": work / "r.mecha",
+             "{sweep}": work / "sw"}
+    out_argv = []
+    for x in argv:
+        x = str(out) if x == "OUT" else str(subst.get(x, x))
+        out_argv.append(x.replace("{work}", str(work)).replace("A={a}", f"A={work / 'a.safetensors'}")
+                        .replace("B={b}", f"B={work / 'b.safetensors'}"))
+    return out_argv
 
 
 def _spellings(work: Path, name: str) -> dict[str, Path]:
@@ -108,21 +151,56 @@ def _spellings(work: Path, name: str) -> dict[str, Path]:
             "symlink": link, "hardlink": hard}
 
 
+def _folder_spellings(work: Path, rel: str, inside: str) -> dict[str, Path]:
+    """Output folders in which ``inside`` is the input ``rel``: its own folder (as is, via ./ and ..),
+    a symbolic link to that folder, and another folder holding a hard link of the input."""
+    folder = (work / rel).parent
+    (folder / "sub").mkdir(exist_ok=True)
+    (work / "linkdir").symlink_to(folder, target_is_directory=True)
+    (work / "hl").mkdir()
+    os.link(work / rel, work / "hl" / inside)
+    return {"same": folder, "dot": folder / ".", "dotdot": folder / "sub" / "..", "symlink": work / "linkdir",
+            "hardlink": work / "hl"}
+
+
 @pytest.mark.parametrize("way", ["same", "dot", "dotdot", "symlink", "hardlink"])
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_no_command_writes_over_any_of_its_inputs_even_with_overwrite(work, capsys, writer, way) -> None:
-    argv, reads = WRITERS[writer]
+def test_no_command_writes_over_any_of_its_inputs_even_with_overwrite(work, capsys, monkeypatch, writer, way) -> None:
+    import blockmerge.generation.loader as loader
+
+    def no_loading(*a, **k):  # the check must come before the slow work
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(loader, "load_pipeline", no_loading)
+    argv, reads, inside = WRITERS[writer]
     for name in reads:
-        out = _spellings(work, name)[way]
+        out = _spellings(work, name)[way] if inside is None else _folder_spellings(work, name, inside)[way]
         before = tree(work)
         code, _, err = cli(capsys, *_argv(work, argv, out), "--overwrite")
         assert_one_line_error(code, err, "is an input file", "even with --overwrite")
         assert tree(work) == before, f"{writer} wrote over {name} named {way}"
-        (work / "link.out").unlink()
-        (work / "hard.out").unlink()
+        for p in ("link.out", "hard.out", "linkdir", "hl/" + str(inside), "hl"):
+            if os.path.lexists(work / p):
+                (work / p).rmdir() if (work / p).is_dir() and not (work / p).is_symlink() else (work / p).unlink()
 
 
-@pytest.mark.parametrize("writer", sorted(WRITERS) + ["synthetic"])
+@pytest.mark.parametrize("importer", ["import-mergeboard", "import-mecha"])
+def test_an_imported_recipe_is_never_saved_where_it_writes_its_merge(work, capsys, importer) -> None:
+    """The recipe's own output path, existing or not, is no place for the recipe: running it would
+    replace the recipe with the merge (and with --overwrite an old merge there would be lost now)."""
+    argv = WRITERS[importer][0]
+    extra = ["--model-output", str(work / "merged.safetensors")] if importer == "import-mecha" else []
+    target = work / ("mix.ckpt" if importer == "import-mergeboard" else "merged.safetensors")
+    for exists in (False, True):
+        if exists:
+            target.write_bytes(b"an earlier merge")
+        before = tree(work)
+        code, _, err = cli(capsys, *_argv(work, argv, target), *extra, "--overwrite")
+        assert code == 2 and target.name in err and ("recipe itself writes" in err or "is an input file" in err), err
+        assert tree(work) == before
+
+
+@pytest.mark.parametrize("writer", FILE_WRITERS + ["synthetic"])
 def test_an_existing_output_needs_overwrite_and_is_then_replaced_whole(work, capsys, writer) -> None:
     argv = ["synthetic", "OUT", "-q"] if writer == "synthetic" else WRITERS[writer][0]
     out = work / ("existing.ckpt" if "ckpt" in writer else "existing.toml" if writer.startswith(("run", "import"))
@@ -153,7 +231,7 @@ def _fifo(work: Path) -> Path:
     (lambda w: w / "a.safetensors" / "x.out", "is not a folder"),
     (lambda w: w / ("n" * 300 + ".out"), "too long"),
 ])
-@pytest.mark.parametrize("writer", sorted(WRITERS) + ["synthetic"])
+@pytest.mark.parametrize("writer", FILE_WRITERS + ["synthetic"])
 def test_outputs_that_cannot_be_written_fail_before_any_work(work, capsys, writer, target, must) -> None:
     (work / "afolder").mkdir()
     out = target(work)
@@ -432,3 +510,87 @@ def test_a_sweep_refuses_a_folder_holding_someone_elses_sweep_json_before_loadin
     assert_one_line_error(code, err, "sweep.json", "already exists")
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
     assert time.perf_counter() - t0 < 2  # refused before the model was loaded
+
+
+# ---- folders a failed command made (class 2: debris) ------------------------------------------------
+
+FOLDER_MAKERS = {
+    "report": ["report", "{sweep}", "-o", "OUT"],
+    "sweep": ["sweep", "tiny-a", "-o", "OUT", "--prompt", "a red circle", "--scale", "0.5", "--seeds", "1",
+              "--blocks", "IN00", "--steps", "1", "-q"],
+    "demo": ["demo", "-o", "OUT", "--quick", "-q"],
+    "generate": ["generate", "tiny-a", "-o", "OUT", "--prompt", "a red circle", "--steps", "1", "--seed", "1", "-q"],
+}
+
+
+def _fail_writes(monkeypatch, how: str, under: Path) -> None:
+    """Every write through the write policy into ``under`` fails: a full disk, or a SIGTERM arriving
+    mid-write (other writes, such as the hash cache's, go on)."""
+    import errno
+
+    from blockmerge.errors import Interrupted
+    from blockmerge.io import atomic
+
+    real = atomic._TrackedFile.write
+
+    def write(self, data):
+        if not os.readlink(f"/proc/self/fd/{self._f.fileno()}").startswith(str(under)):
+            return real(self, data)
+        if how == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(atomic._TrackedFile, "write", write)
+
+
+@pytest.mark.parametrize("how", ["disk full", "SIGTERM"])
+@pytest.mark.parametrize("command", sorted(FOLDER_MAKERS))
+def test_a_failed_command_leaves_no_folder_it_made(work, capsys, monkeypatch, command, how) -> None:
+    """``report -o rep`` failing on a full disk used to leave ``rep/`` and ``rep/heatmaps/``: every
+    folder a command made and left empty goes when it fails, however deep the new path was."""
+    out = work / "new" / "deeper" / "out"
+    before = tree(work)
+    _fail_writes(monkeypatch, how, work / "new")
+    code, _, err = cli(capsys, *_argv(work, FOLDER_MAKERS[command], out))
+    if how == "disk full":
+        assert_one_line_error(code, err, "disk full")
+    else:
+        assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err, err
+    assert not (work / "new").exists(), sorted(str(p) for p in (work / "new").rglob("*"))
+    assert tree(work) == before
+
+
+def test_the_folder_guard_removes_only_the_empty_folders_it_made_and_only_on_failure(tmp_path: Path) -> None:
+    from blockmerge.io import made_folders_guard
+
+    (tmp_path / "old").mkdir()
+    with pytest.raises(RuntimeError), made_folders_guard():
+        check_output_dir(tmp_path / "old" / "a" / "b")
+        check_output_dir(tmp_path / "old" / "kept")
+        (tmp_path / "old" / "kept" / "image.png").write_bytes(b"finished work")
+        check_output_dir(tmp_path / "c")
+        raise RuntimeError("fails")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
+        ["old", "old/kept", "old/kept/image.png"]  # old existed before; kept holds a finished file
+    with made_folders_guard():
+        with contextlib.suppress(RuntimeError), made_folders_guard():  # nested: the outermost decides
+            check_output_dir(tmp_path / "d" / "e")
+            raise RuntimeError("an inner step fails, the caller goes on")
+        check_output_dir(tmp_path / "f")
+    assert (tmp_path / "d" / "e").is_dir() and (tmp_path / "f").is_dir()  # success keeps everything
+
+
+def test_a_report_writes_only_where_the_sweep_folder_check_looks(tmp_path: Path, capsys) -> None:
+    """``check_sweep_folder`` guards the report's files before a sweep starts; a report file added
+    under a new name would slip past it, so the report's output is pinned to that list here."""
+    from blockmerge.experiments.outputs import FIXED_FILES, SUBFOLDERS
+    from test_report import make_sweep
+
+    sweep = make_sweep(tmp_path / "sw", "SD1", ["IN00", "M00"], prompts=1, seeds=[1])
+    out = tmp_path / "rep"
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(capsys, "report", sweep.root, "-o", out, *extra)
+        assert code == 0, err
+    top = {p.name for p in out.iterdir()}
+    assert top - set(SUBFOLDERS) <= set(FIXED_FILES), top - set(SUBFOLDERS) - set(FIXED_FILES)
+    assert {p.name for p in out.iterdir() if p.is_dir()} <= set(SUBFOLDERS)

@@ -146,6 +146,23 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def _out_of_memory_message(e: BaseException, args: argparse.Namespace) -> str:
+    """What to try after an allocation failed: never the device already in use. A CUDA failure
+    (torch.OutOfMemoryError, "CUDA out of memory") may fit in RAM with ``--device cpu``; a failure
+    on the CPU can only be made smaller."""
+    on_gpu = "cuda" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+    where = "the GPU" if on_gpu else "the machine"
+    tips = []
+    if hasattr(args, "batch_size"):
+        tips.append("a smaller --batch-size")
+    if hasattr(args, "width"):
+        tips.append("smaller --width/--height")
+    if on_gpu and hasattr(args, "device") and not str(getattr(args, "device", "") or "").startswith("cpu"):
+        tips.append("--device cpu")
+    advice = f" (try {', '.join(tips[:-1]) + ' or ' + tips[-1] if len(tips) > 1 else tips[0]})" if tips else ""
+    return f"out of memory: {where} cannot allocate what this command needs{advice}"
+
+
 def _error(msg: str) -> int:
     print(f"blockmerge: error: {one_line(msg)}", file=sys.stderr)
     return 2
@@ -181,10 +198,10 @@ def _run(args_list: list[str]) -> int:
         return _error("no command given (`blockmerge --help` lists them)")
     debug = bool(getattr(args, "debug", False))
     _quiet_libraries(debug)
-    from ..io import input_guard
+    from ..io import input_guard, made_folders_guard
 
     try:
-        with input_guard(), _warnings_to_stderr(debug):
+        with input_guard(), made_folders_guard(), _warnings_to_stderr(debug):
             return int(args.func(args) or 0)
     except BlockmergeError as e:
         if debug:
@@ -202,8 +219,7 @@ def _run(args_list: list[str]) -> int:
         return _error(f"{where}{e.strerror or e}")
     except Exception as e:
         if _is_out_of_memory(e) and not debug:
-            return _error("out of memory: the machine cannot allocate what this command needs "
-                          "(try smaller sizes, fewer seeds per batch, or --device cpu)")
+            return _error(_out_of_memory_message(e, args))
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""

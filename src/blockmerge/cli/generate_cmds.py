@@ -47,10 +47,35 @@ def _params_from_args(args: argparse.Namespace):
     return params
 
 
+def _png_name(n: int, seed: int) -> str:
+    return f"{n:05d}-{seed}.png"
+
+
+def _batch_size_used(params, batch_size: int | None) -> int:
+    """The largest U-Net batch :func:`generate` will draw (DPM adaptive: 1; an infotext's Batch size;
+    else ``--batch-size`` or all seeds): asked of generate's own batching, not guessed again."""
+    from ..generation.generate import _batches
+    from ..generation.samplers import SAMPLERS
+
+    spec = SAMPLERS[params.sampler_name]
+    return max(len(chunk) for chunk, _ in _batches(list(params.seeds), params, spec, batch_size))
+
+
+def _check_memory(dims, params, args: argparse.Namespace, default_size: int, device, dtype) -> None:
+    from ..generation.budget import check_batch_memory
+
+    batch = _batch_size_used(params, args.batch_size)
+    batch_arg = (f"--batch-size {args.batch_size}" if args.batch_size and batch == args.batch_size
+                 else f"--seed ({len(params.seeds)} seeds)")
+    check_batch_memory(dims, width=params.width or default_size, height=params.height or default_size,
+                       batch=batch, device=device, dtype_bytes=dtype.itemsize, batch_arg=batch_arg)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..generation.budget import dims_from_configs, dims_from_file
     from ..generation.generate import generate, save_png
-    from ..generation.loader import load_pipeline
-    from ..io import check_output_dir
+    from ..generation.loader import default_device_dtype, load_pipeline
+    from ..io import check_output_dir, check_output_path
     from ..merge.executor import output_dtype
 
     params = _params_from_args(args)  # validate everything before the slow load
@@ -60,37 +85,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     lora_calls(params.prompt)  # a malformed <lora:...> is an error before the slow load
 
+    presets = load_presets(args.presets or [])  # read (and so protected) before the outputs are checked
     out = check_output_dir(args.output, make=False)
+    if args.overwrite and out.is_dir():
+        # --overwrite reuses the names 00000-SEED.png, ...: one of them may be a file this command
+        # reads (--from-png out/00000-1.png); refused now, not after sampling.
+        for n, seed in enumerate(params.seeds):
+            check_output_path(out / _png_name(n, seed), (), True)
     model_path = resolve_model(args.model)
     dtype = output_dtype(args.dtype) if args.dtype else None
+    device, compute_dtype = default_device_dtype(args.device, dtype)
+    early = dims_from_file(model_path)  # a safetensors header: the widths without loading anything
+    if early is not None:
+        _check_memory(early[0], params, args, early[1], device, compute_dtype)
     for note in params.ignored:
         print(f"blockmerge: warning: {note}", file=sys.stderr)
     loaded = load_pipeline(model_path, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
-    created = not out.exists()
-    check_output_dir(out)
+    if loaded.configs is not None:  # exact widths and size, and the memory left after loading
+        _check_memory(dims_from_configs(loaded.configs), params, args, loaded.resolution, loaded.device,
+                      loaded.dtype)
+    check_output_dir(out)  # a folder made here and left empty by a failure is removed by the CLI
     written: list[Path] = []
 
     def save(img) -> None:
-        path = out / f"{len(written):05d}-{img.seed}.png"
+        path = out / _png_name(len(written), img.seed)
         n = len(written)
         while (path.exists() or path.is_symlink()) and not args.overwrite:
             n += 1
-            path = out / f"{n:05d}-{img.seed}.png"
+            path = out / _png_name(n, img.seed)
         written.append(save_png(img, path, overwrite=args.overwrite))
         if not args.quiet:
             print(printable(path))
 
     notes: list[str] = []
-    try:
-        generate(loaded, params, batch_size=args.batch_size, on_image=save, lora_dir=args.lora_dir, notes=notes,
-                 presets=load_presets(args.presets or []))
-    except BaseException:
-        if created and not written:  # a folder made for nothing is debris too
-            import contextlib
-
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+    generate(loaded, params, batch_size=args.batch_size, on_image=save, lora_dir=args.lora_dir, notes=notes,
+             presets=presets)
     for note in dict.fromkeys(notes):
         print(f"blockmerge: warning: {note}", file=sys.stderr)
     return 0

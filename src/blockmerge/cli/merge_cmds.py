@@ -198,7 +198,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         text = embedded_recipe(args.files[0])
         if text is None:
             raise BlockmergeError(f"{args.files[0]}: has no embedded recipe (it was not made by `blockmerge run`)")
-        sys.stdout.write(printable(text))  # from the file: no terminal escapes; valid TOML has none
+        sys.stdout.write(printable(text))  # checked as a recipe; printable() in case a string holds escapes
         return 0
     from ..lora import is_lora_file, lora_info
 
@@ -260,7 +260,9 @@ def _print_info(info: dict) -> None:
             print(printable(f"    {wname} rules: " + "; ".join(rules)))
         if rec.get("recipe"):
             print("    recipe:")
-            for line in str(rec["recipe"]).splitlines():
+            from ..io.text import split_lines
+
+            for line in split_lines(str(rec["recipe"])):
                 print(f"      {printable(line)}")
     elif "sd_merge_recipe" in info:
         print(f"  A1111 merge recipe: {printable(info['sd_merge_recipe'])}")

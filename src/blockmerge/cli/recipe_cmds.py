@@ -69,15 +69,30 @@ def _read_source_text(name: str) -> str:
 
 def _write_imported(args: argparse.Namespace, make_toml) -> int:
     """The import commands: check the output first, read the source, convert, write through the
-    write policy (never over the source) or print."""
+    write policy (never over the source) or print.
+
+    The files the written recipe names count as this command's inputs too: its checkpoints (the
+    TOML must never replace a model it is about, even with --overwrite) and its outputs (a recipe
+    saved where it writes its merge would be replaced by that merge)."""
+    import os
+
+    from ..errors import BlockmergeError
     from ..io import check_output_path, write_text
+    from ..recipes import recipe_files
 
     inputs = [] if args.source == "-" else [Path(args.source)]
     if args.output:  # before reading anything: a bad output path fails at once
         check_output_path(args.output, inputs, args.overwrite)
     toml = make_toml(_read_source_text(args.source), "stdin" if args.source == "-" else args.source)
     if args.output:
-        out = write_text(args.output, toml, inputs=inputs, overwrite=args.overwrite, arg="-o/--output")
+        named_inputs, named_outputs = recipe_files(toml, Path(args.output).absolute().parent, str(args.output))
+        target = os.path.realpath(args.output)
+        for p in named_outputs:
+            if os.path.realpath(p) == target:
+                raise BlockmergeError(f"-o/--output {args.output}: is the file the recipe itself writes ({p}); "
+                                      "save the recipe under another name")
+        out = write_text(args.output, toml, inputs=[*inputs, *named_inputs, *named_outputs],
+                         overwrite=args.overwrite, arg="-o/--output")
         if not args.quiet:
             print(f"wrote {printable(out)}")
     else:

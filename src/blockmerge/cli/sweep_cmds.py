@@ -12,14 +12,19 @@ from .generate_cmds import add_prediction_option
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     from ..errors import BlockmergeError
-    from ..io.text import read_user_text
+    from ..io.text import read_user_text, split_lines
 
     prompts = list(args.prompt or [])
     for f in args.prompt_file or []:
         text = read_user_text(f, f"--prompt-file {f}")
         # One infotext per file, or several separated by a line holding only "---".
-        parts = [p.strip() for p in text.replace("\r\n", "\n").split("\n---\n")]
-        prompts += [p for p in parts if p]
+        parts: list[list[str]] = [[]]
+        for line in split_lines(text):
+            if line == "---":
+                parts.append([])
+            else:
+                parts[-1].append(line)
+        prompts += [p for p in ("\n".join(lines).strip() for lines in parts) if p]
     if not prompts:
         raise BlockmergeError("give at least one --prompt (A1111 infotext) or --prompt-file")
     return prompts
@@ -39,14 +44,13 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _check_sweep_folder(out: Path, overwrite: bool) -> None:
-    """Before the slow model load: a sweep.json or report there that blockmerge did not write stops it."""
-    from ..experiments.outputs import own_output
-    from ..io import check_output_path
+def _check_sweep_folder(out: Path, overwrite: bool, reverse: bool) -> None:
+    """Before the slow model load: a file the sweep or its report would replace but may not stops it."""
+    from ..experiments.outputs import check_sweep_folder
 
-    if out.is_dir():
-        for name in ("sweep.json", "index.html", "table.html"):
-            check_output_path(out / name, (), overwrite, "sweep folder", replace_if=own_output)
+    check_sweep_folder(out, overwrite)
+    if reverse:
+        check_sweep_folder(out / "reverse", overwrite)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -88,10 +92,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BlockmergeError("--swap / --reverse need --donor MODEL (the model blocks are taken from)")
     from ..io import check_output_dir
 
+    presets = load_presets(args.presets or [])  # read (and so protected) before the folder is checked
     out = check_output_dir(args.output, make=False)  # made by the sweep, after the models load
-    _check_sweep_folder(out, args.overwrite)
+    _check_sweep_folder(out, args.overwrite, args.reverse)
     dtype = output_dtype(args.dtype) if args.dtype else None
-    presets = load_presets(args.presets or [])
     path_a = resolve_model(args.model)
     model = load_pipeline(path_a, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
     arch = model.architecture
@@ -157,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available() or args.device:
             args.threads = 1
     _threads(args)
-    _check_sweep_folder(Path(args.output), args.overwrite)
+    _check_sweep_folder(Path(args.output), args.overwrite, reverse=True)
     res = run_demo(args.output, demo_config(quick=args.quick), progress=not args.quiet, device=args.device,
                    overwrite=args.overwrite)
     print(f"report: {printable(res.index)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlockmergeError
+from ..io.atomic import made_folders_guard
 from .sweep import DEFAULT_SEEDS, bypass_variants, run_sweep, scale_variants, swap_variants
 
 __all__ = ["DemoConfig", "DemoResult", "demo_config", "run_demo"]
@@ -69,6 +70,7 @@ def _default_names() -> tuple[str, str]:
     return ms[0].name, ms[1].name
 
 
+@made_folders_guard()  # a failure removes the (empty) folders this call made, as the CLI does
 def run_demo(out_dir: str | os.PathLike[str], config: DemoConfig | None = None, *, progress: bool = True,
              device: str | None = None, overwrite: bool = False) -> DemoResult:
     """Run the demo into ``out_dir`` (resumable: a rerun reuses the images) and write the reports.

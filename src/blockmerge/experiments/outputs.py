@@ -10,9 +10,12 @@ generator mark in its first bytes (a ``<meta name="generator">``, an SVG attribu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..io.atomic import file_has_marker
+from ..errors import BlockmergeError
+from ..io.atomic import check_output_path, file_has_marker
+from ..io.inputs import read_by_command
 from .heatmap import GENERATOR
 
 HTML_GENERATOR = "blockmerge report"
@@ -34,3 +37,37 @@ def own_output(path: Path) -> bool:
     """Whether ``path`` is a file blockmerge's sweep or report wrote (its generator mark is there)."""
     marker = _OWN_MARKERS.get(Path(path).suffix.lower())
     return marker is not None and file_has_marker(Path(path), marker)
+
+
+#: What a sweep and its report write in the sweep folder: files at fixed names, and subfolders whose
+#: file names they make up (images and latents, heat maps, thumbnails, copies, the reverse sweep).
+#: A test checks that a report writes nothing else.
+FIXED_FILES = ("sweep.json", "index.html", "table.html", "results.json", "results.csv", "report.css", "report.js")
+SUBFOLDERS = ("images", "heatmaps", "thumbs", "reverse")
+
+
+def check_sweep_folder(out: Path, overwrite: bool, arg: str = "sweep folder") -> None:
+    """Before any work (the slow model load, hours of images): refuse a sweep folder where the sweep or
+    its report would have to replace a file it may not.
+
+    A file there that blockmerge did not write needs ``overwrite``; a file this command reads (a
+    ``--prompt-file`` kept as ``results.csv``, a preset file under ``images/``) is refused even with
+    it. Without this the collision was found by the report, after every image was made.
+    """
+    if not out.is_dir():
+        return
+    for name in FIXED_FILES:
+        check_output_path(out / name, (), overwrite, arg, replace_if=own_output)
+    for sub in SUBFOLDERS:
+        for folder, _, names in os.walk(out / sub):
+            for name in names:
+                p = Path(folder) / name
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                read_as = read_by_command(st)
+                if read_as is not None:
+                    raise BlockmergeError(f"{arg} {out}: {p} is an input file of this command ({read_as}), in a "
+                                          "folder the sweep writes to; refusing to write over an input, even with "
+                                          "--overwrite")

@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 
 from ..architectures import Layout, by_name
 from ..errors import BlockmergeError
-from ..io import atomic_write, check_output_dir, note_input, write_text
+from ..io import atomic_write, check_output_dir, made_folders_guard, note_input, write_text
 from ..io.atomic import utf8
 from .heatmap import colour_for, format_value, layout_positions, normalise, text_colour_for, u_heatmap_svg
 from .metrics import METRICS, AggregateRow, Metric, MetricsTable, json_number, rank_blocks, sweep_metrics
@@ -62,18 +62,26 @@ def _json_island(data: Any) -> str:
 
 
 def safe_href(href: str) -> str | None:
-    """``href`` if it is a relative link or an http(s) URL, else None (``javascript:``, ``data:``,
-    ``file:`` and anything with control characters are never written into a link)."""
+    """``href`` if it is a same-site relative link or an absolute http(s) URL, else None.
+
+    Refused: other schemes (``javascript:``, ``data:``, ``file:``), anything with control characters,
+    and off-site links that look relative: ``//evil.com/x`` (protocol-relative), and ``\\evil/x`` or
+    ``/\\evil.com``, because browsers read a backslash as a slash in http(s) and file URLs.
+    """
     h = str(href).strip()
     if not h or any(ord(c) < 0x20 or ord(c) == 0x7F for c in h):
         return None
+    as_browser = h.replace("\\", "/")  # what a browser parses (tabs and newlines were refused above)
     try:
-        scheme = urlsplit(h).scheme.lower()
+        parts = urlsplit(as_browser)
     except ValueError:
         return None
-    if scheme and scheme not in ("http", "https"):
-        return None
-    if not scheme and ":" in h.split("/", 1)[0]:
+    scheme = parts.scheme.lower()
+    if scheme:
+        return h if scheme in ("http", "https") and parts.netloc else None
+    if as_browser.startswith("//"):
+        return None  # another host, whatever scheme the page was opened with
+    if ":" in as_browser.split("/", 1)[0]:
         return None  # "javascript&colon;..." style tricks the browser may read as a scheme
     return h
 
@@ -572,6 +580,7 @@ def _heatmaps(out_dir: Path, result: SweepResult, table: MetricsTable, metrics: 
     return out
 
 
+@made_folders_guard()  # a failure removes the (empty) folders this call made, as the CLI does
 def write_report(out_dir: Path, result: SweepResult, metrics_table: MetricsTable | None = None, *,
                  title: str | None = None, thumb_size: int | None = 256, copy_images: bool = False,
                  overwrite: bool = False) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import BlockmergeError
+from ..io.text import split_lines
 
 VariantKind = Literal["baseline", "scale", "bypass", "swap", "custom", "lora"]
 VARIANT_KINDS: tuple[str, ...] = ("baseline", "scale", "bypass", "swap", "custom", "lora")
@@ -180,7 +181,7 @@ class SweepResult:
 
     def prompt_title(self, i: int, width: int = 80) -> str:
         """First line of the infotext (the positive prompt), shortened for menus."""
-        first = self.prompts[i].strip().splitlines()[0] if self.prompts[i].strip() else f"prompt {i}"
+        first = split_lines(self.prompts[i].strip())[0] if self.prompts[i].strip() else f"prompt {i}"
         return first if len(first) <= width else first[: width - 1] + "…"
 
     def path_of(self, rel: str) -> Path:

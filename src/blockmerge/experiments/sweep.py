@@ -33,6 +33,7 @@ import numpy as np
 from .. import __version__
 from ..architectures import BASE, Architecture
 from ..errors import BlockmergeError
+from ..io.atomic import made_folders_guard
 from ..merge.methods import get_method
 from ..merge.params import merged_params, resolve_params
 from ..merge.presets import PresetBook
@@ -322,6 +323,7 @@ class _Progress:
         self.bar.close()
 
 
+@made_folders_guard()  # a failure removes the (empty) folders this call made, as the CLI does
 def run_sweep(
     model: Any,
     variants: Sequence[PlannedVariant],

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockmerge.errors import BlockmergeError
+from blockmerge.io.text import split_lines
 
 if TYPE_CHECKING:
     from PIL.PngImagePlugin import PngInfo
@@ -152,7 +153,7 @@ def _format_number(value: float) -> str:
 def normalize_prompt(text: str) -> str:
     """The prompt as A1111's reader gives it back: lines stripped, leading blank lines dropped."""
     out = ""
-    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+    for line in split_lines(text):
         line = line.strip()
         out += ("" if out == "" else "\n") + line
     return out
@@ -317,7 +318,7 @@ def parse_infotext(text: str, source: str = "infotext", require_params: bool = T
     Raises :class:`BlockmergeError` when ``require_params`` and there is no parameter line, or when
     a field blockmerge interprets (Steps, CFG scale, Seed, Size, Clip skip) is malformed.
     """
-    *lines, last = text.replace("\r\n", "\n").strip().split("\n")
+    *lines, last = split_lines(text.strip())
     matches = list(_PARAM.finditer(last))
     notes: list[str] = []
     if len(matches) < 3:
@@ -373,7 +374,7 @@ def _quote(value: str) -> str:
 
 
 def _check_prompt(text: str, what: str, source: str) -> None:
-    for line in text.split("\n"):
+    for line in split_lines(text):
         if line.strip().startswith(_NEGATIVE):
             raise BlockmergeError(
                 f"{source}: the {what} has a line starting with {_NEGATIVE!r}; A1111's PNG Info would read it "

@@ -35,6 +35,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -327,6 +328,11 @@ def check_output_dir(folder: str | os.PathLike[str], arg: str = "-o/--output", *
                               f"{'on a read-only filesystem' if _read_only_fs(parent) else 'not writable'}")
     if not make:
         return d
+    missing = []  # the folders this call creates, deepest first
+    p = d.absolute()
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
     try:
         d.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -339,7 +345,55 @@ def check_output_dir(folder: str | os.PathLike[str], arg: str = "-o/--output", *
         if e.errno in DISK_FULL:
             raise BlockmergeError(f"{where}: disk full ({e.strerror})") from None
         raise BlockmergeError(f"{where}: cannot create the folder: {e.strerror or e}") from None
+    _note_made(reversed(missing))
     return d
+
+
+# ---- folders made by a command that then fails ------------------------------------------------------
+
+_MADE_LOCK = threading.Lock()
+_MADE_DEPTH = 0
+_MADE: list[Path] = []  # in the order they were made (a parent before its children)
+
+
+def _note_made(folders: Iterable[Path]) -> None:
+    with _MADE_LOCK:
+        if _MADE_DEPTH:
+            _MADE.extend(folders)
+
+
+@contextlib.contextmanager
+def made_folders_guard() -> Iterator[None]:
+    """While active, the folders :func:`check_output_dir` creates are remembered; if the block fails
+    (an exception, a full disk, SIGTERM/SIGINT/SIGHUP turned into exceptions), those still empty are
+    removed again, deepest first.
+
+    Why here and not in each command: every command that makes an output folder (report, sweep,
+    demo, generate) makes it through :func:`check_output_dir`, so one record covers them all, and a
+    failed ``report`` no longer leaves ``rep/`` and ``rep/heatmaps/`` behind. Only empty folders go
+    (``rmdir`` refuses the others): images a failed sweep already finished are kept for its resume.
+    Nested guards share one record, acted on by the outermost, as :func:`~.inputs.input_guard`.
+    """
+    global _MADE_DEPTH
+    with _MADE_LOCK:
+        _MADE_DEPTH += 1
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        with _MADE_LOCK:
+            _MADE_DEPTH -= 1
+            outermost = _MADE_DEPTH == 0
+            made = list(_MADE) if outermost else []
+            if outermost:
+                _MADE.clear()
+        if failed:
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
 
 # ---- writing ---------------------------------------------------------------------------------------

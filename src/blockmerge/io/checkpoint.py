@@ -20,6 +20,8 @@ from .inputs import check_input_file
 from .pickle_io import PickleReader
 from .safetensors_io import MAX_HEADER, SafetensorsReader, TensorInfo
 
+# torch.serialization.MAGIC_NUMBER (0x1950a86a20f9469cfc6c) as pickle writes it: LONG1, 10 bytes.
+TORCH_LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 
@@ -70,7 +72,12 @@ def sniff(path: str | os.PathLike[str]) -> str:
         if head.startswith(magic):
             return kind
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
+        # torch.save's legacy format starts with its magic number (after a protocol 4+ frame header);
+        # any other pickle is some Python object, not a checkpoint, whatever its name says.
+        if TORCH_LEGACY_MAGIC in head[:32]:
+            return "pickle"
+        return (f"a Python pickle (protocol {head[1]}) that is not a PyTorch checkpoint (no torch.save magic "
+                "number; PyTorch writes a zip archive or a legacy pickle that starts with one)")
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer, not the model itself (fetch it with `git lfs pull`)"
     try:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from .inputs import check_input_file
-from .safetensors_io import TensorInfo
+from .safetensors_io import DTYPE_NAMES, TensorInfo
 
 
 def _placeholder(module: str, name: str) -> type:
@@ -53,6 +53,11 @@ def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
             # operand 103"): a damaged file, not an unsafe one.
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             detail = next((ln for ln in lines if "operand" in ln or "load key" in ln), lines[0] if lines else "")
+            protocol = _legacy_protocol(p)
+            if protocol is not None and protocol >= 4 and "operand" in detail:
+                raise CheckpointError(f"{p}: a PyTorch legacy checkpoint saved with pickle protocol {protocol}, which "
+                                      "torch's safe (weights-only) loader cannot read; re-save it with torch.save's "
+                                      "default format (or as safetensors)") from None
             raise CheckpointError(f"{p}: not a readable checkpoint (a damaged pickle: {detail[:160]})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         for line in str(e).splitlines():
@@ -82,7 +87,47 @@ def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{p}: not a checkpoint (no tensors inside)")
+    for k, v in tensors.items():
+        check_tensor_kind(v, f"{p}: tensor {k!r}")
     return tensors
+
+
+def check_tensor_kind(t: torch.Tensor, where: str) -> None:
+    """Refuse a tensor blockmerge cannot merge or write, when the file is opened (before any work,
+    the same for every command, as the safetensors reader refuses an unsupported dtype).
+
+    A pickle can hold what a safetensors file cannot: complex, unsigned 16-64 bit and quantized
+    dtypes, and sparse layouts. Unsupported dtypes used to reach the writer ("KeyError:
+    torch.complex64") while ``info`` listed them as if all was well.
+
+    Sparse tensors are refused rather than densified: no Stable Diffusion checkpoint stores one, a
+    dense copy can need any amount of memory whatever the file's size (the shape is free, only the
+    stored values cost bytes), and the fix is one line for whoever made the file (``.to_dense()``).
+    """
+    if t.layout != torch.strided:
+        layout = str(t.layout).removeprefix("torch.")
+        raise CheckpointError(f"{where} has layout {layout}, not a dense tensor; blockmerge reads dense tensors only "
+                              "(save it with .to_dense())")
+    if t.dtype not in DTYPE_NAMES:
+        raise CheckpointError(f"{where} has unsupported dtype {str(t.dtype).removeprefix('torch.')} "
+                              f"(blockmerge reads {', '.join(_READABLE)})")
+
+
+_READABLE = sorted({str(d).removeprefix("torch.") for d in DTYPE_NAMES}, key=str)
+
+
+def _legacy_protocol(p: Path) -> int | None:
+    """The pickle protocol of a torch.save legacy-format file, None for anything else."""
+    from .checkpoint import TORCH_LEGACY_MAGIC
+
+    try:
+        with open(p, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return None
+    if head[:1] == b"\x80" and TORCH_LEGACY_MAGIC in head:
+        return head[1]
+    return None
 
 
 class PickleReader:

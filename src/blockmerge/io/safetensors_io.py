@@ -24,6 +24,7 @@ import torch
 from ..errors import CheckpointError
 from .atomic import EarlyWriteback, preallocate
 from .inputs import check_input_file
+from .memory import available_memory
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -217,15 +218,8 @@ def parse_header(raw: bytes, data_len: int) -> tuple[list[HeaderEntry], dict[str
     return entries, meta
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+# The limit that applies (free memory, a cgroup's, ``ulimit -v``): see :mod:`.memory`.
+_available_memory = available_memory
 
 
 def check_allocation(nbytes: int, what: str) -> None:

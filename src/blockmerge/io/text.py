@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..errors import BlockmergeError
 from .inputs import check_input_file
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """``text`` cut at its line breaks: ``\n``, ``\r\n`` and ``\r``, and nothing else.
+
+    Why not ``str.splitlines``: it also breaks at \x0b, \x0c, \x1c-\x1e, \x85, U+2028 and U+2029,
+    which an editor shows inside one line. A Merge Board comment holding U+2028 became two lines and
+    every error after it named the wrong line number. Every reader of user text that goes line by
+    line (Merge Board, presets, sd-mecha recipes, infotexts, prompt files) uses this.
+    """
+    return _LINE_BREAK.split(text)
+
 
 # Presets, recipes and prompts are a few KB. A multi-GB file given by mistake (a checkpoint passed
 # as --prompt-file) is refused before it is read instead of filling the memory.

@@ -9,12 +9,13 @@ All values are JSON strings, as safetensors metadata must be strings.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..errors import CheckpointError
+from ..errors import BlockmergeWarning, CheckpointError
 
 RECORD_KEY = "blockmerge"
 #: Stability's modelspec fields that describe the weights' kind, not one file: kept from model A
@@ -124,7 +125,7 @@ def _is_json(text: str | None) -> bool:
         return False
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past Python's limit
         return False
     return True
 
@@ -181,7 +182,16 @@ def _type(v: Any) -> str:
     )
 
 
-def space_of(metadata: Mapping[str, str] | None) -> str:
-    """``"delta"`` for a task vector blockmerge wrote (its record says so), else ``"model"``."""
-    rec = read_record(metadata or {})
+def space_of(metadata: Mapping[str, str] | None, source: str = "file") -> str:
+    """``"delta"`` for a task vector blockmerge wrote (its record says so), else ``"model"``.
+
+    A record that is not blockmerge's valid one (another tool wrote the key, or it was edited by
+    hand) does not stop the weights from being used: such a file is a model, with a warning naming
+    it. Only ``info`` reports the record as an error; a merge needs nothing from it but this answer.
+    """
+    try:
+        rec = read_record(metadata or {}, source)
+    except CheckpointError as e:
+        warnings.warn(f"{e}; its weights are used as a model's (the record is ignored)", BlockmergeWarning, stacklevel=2)
+        return "model"
     return "delta" if rec and rec.get("space") == "delta" else "model"

@@ -111,7 +111,7 @@ class FileSource:
         self.dropped_ema = len(all_keys) - len(self._keys)
         self.metadata = self.reader.metadata
         # A delta (task vector) written by blockmerge says so in its record; anything else is a model.
-        self.space = space_of(self.metadata)
+        self.space = space_of(self.metadata, str(self.path))
 
     def keys(self) -> list[str]:
         return list(self._keys)

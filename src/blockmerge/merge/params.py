@@ -16,7 +16,7 @@ from ..architectures import Architecture
 from ..errors import BlockmergeError, WeightSpecError
 from .declare import MergeMethod
 from .presets import PresetBook
-from .weights import BlockWeights, parse_weights
+from .weights import BlockWeights, base_arg_name, parse_weights
 
 __all__ = ["ParamValues", "check_rules", "merged_params", "parse_param_args", "resolve_params", "values_for"]
 
@@ -53,6 +53,8 @@ def merged_params(
         given_as[name] = f"--{name}"
     given_as.setdefault("alpha", "--alpha")
     given_as.setdefault("beta", "--beta")
+    given_as.setdefault("base_alpha", "--base-alpha")
+    given_as.setdefault("base_beta", "--base-beta")
     return given, given_as
 
 
@@ -95,10 +97,12 @@ def resolve_params(
     for name in names:
         p = method.lookup(name, n_operands)
         arg = prefix + _arg_name(name, as_)
+        # The BASE value's own name (--base-alpha, a recipe's base_alpha): a bad one is named as given.
+        base_arg = prefix + as_.get(f"base_{name}", base_arg_name(_arg_name(name, as_)))
         fill = method.fill_value(name, n_operands)
         if name in given:
             w = parse_weights(given[name], arch, arg=arg, base=bases.get(name),
-                              keep_a=math.nan if fill is None else fill, presets=presets)
+                              keep_a=math.nan if fill is None else fill, presets=presets, base_arg=base_arg)
             unset = [b for b, v in zip(w.ids, w.values, strict=True) if math.isnan(v)]
             if unset:
                 raise WeightSpecError(f"{arg}: {', '.join(unset[:4])}{'...' if len(unset) > 4 else ''} get no value "
@@ -107,7 +111,8 @@ def resolve_params(
             flag = as_.get(name, f"--param {name}=SPEC")
             raise BlockmergeError(f"{prefix}{method.name} needs {flag} ({name}: {p.meaning})")
         else:
-            w = parse_weights(float(p.default), arch, arg=arg, base=bases.get(name), presets=presets)
+            w = parse_weights(float(p.default), arch, arg=arg, base=bases.get(name), presets=presets,
+                              base_arg=base_arg)
         for b, v in zip(w.ids, w.values, strict=True):
             p.check(v, f"{arg} ({b})")
         for r in w.rules:

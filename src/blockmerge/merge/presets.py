@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..architectures import families_for_list_length, list_lengths
 from ..errors import WeightSpecError
-from ..io.text import read_user_text
+from ..io.text import read_user_text, split_lines
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PresetBook:
         return self.presets.get(name.upper())
 
     def add_text(self, text: str, source: str) -> None:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(split_lines(text), 1):
             s = line.strip()
             if not s or s.startswith("#"):
                 continue

@@ -207,14 +207,16 @@ def parse_weights(
     base: float | None = None,
     keep_a: float = 0.0,
     presets: PresetBook | None = None,
+    base_arg: str | None = None,
 ) -> BlockWeights:
     """Turn a user's weight spec into :class:`BlockWeights` for ``arch``.
 
     ``base`` is the separately given BASE value (``--base-alpha``); ``keep_a`` is the value that keeps
-    model A for the method in use, given to blocks (and BASE) that nothing names.
+    model A for the method in use, given to blocks (and BASE) that nothing names. ``base_arg`` names
+    ``base`` in messages (default: ``arg``'s base form, ``--base-alpha`` or a recipe's ``base_alpha``).
     """
     if base is not None:
-        base = _number(str(base), arg.replace("--", "--base-"))
+        base = _number(str(base), base_arg or base_arg_name(arg))
     if isinstance(spec, BlockWeights):
         if spec.arch != arch.name:
             raise WeightSpecError(f"{arg}: weights are for {spec.arch}, the models are {arch.name}")
@@ -232,6 +234,13 @@ def parse_weights(
     if not text:
         raise WeightSpecError(f"{arg}: empty weight specification")
     head, rule_texts = _split_rules(text, arg)
+    if not re.sub(r"[,\s]+", "", head):
+        head = ""  # commas and spaces alone are no block part either
+    if not head and not rule_texts:
+        # ';', ',;' or a newline: nothing but separators. Taken as "rules only" this gave every block
+        # the value that keeps model A - a merge that silently did nothing.
+        raise WeightSpecError(f"{arg}: {text!r} holds no weights (only separators); give a number, a list, "
+                              "a preset or ID=VALUE entries")
     book = presets if presets is not None else load_presets()
     if head:
         weights = _parse_block_part(head, arch, arg, base, keep_a, book)
@@ -243,6 +252,15 @@ def parse_weights(
     return weights
 
 
+def base_arg_name(arg: str) -> str:
+    """The name of the separately given BASE value of the parameter ``arg`` names, as the user wrote
+    it: ``--alpha`` -> ``--base-alpha``, a recipe's ``...: alpha`` -> ``...: base_alpha``."""
+    head, sep, last = arg.rpartition(" ")
+    if last.startswith("--"):
+        return f"{head}{sep}--base-{last[2:]}"
+    return f"{head}{sep}base_{last}"
+
+
 def _numeric(token: str) -> bool:
     """A number, or a word float() reads as one (nan, inf): never taken for a preset name."""
     return bool(_NUM.match(token)) or token.lower().lstrip("+-") in ("nan", "inf", "infinity")
@@ -252,7 +270,7 @@ def _split_rules(text: str, arg: str) -> tuple[str, list[str]]:
     """``BLOCK PART; RULE, RULE`` -> the block part and the rules (parts with a ``:`` are rules)."""
     head: list[str] = []
     rules: list[str] = []
-    for part in re.split(r"[;\n]", text):
+    for part in re.split(r"[;\r\n]", text):  # a line break is \n, \r\n or \r, never \x0b or U+2028
         part = part.strip()
         if not part:
             continue

@@ -7,7 +7,15 @@ text format of the Merge Board extension.
 from __future__ import annotations
 
 from .mergeboard import mergeboard_to_toml, parse_mergeboard
-from .runner import Recipe, RecipeOutput, embedded_recipe, load_recipe, recipe_from_text, run_recipe
+from .runner import (
+    Recipe,
+    RecipeOutput,
+    embedded_recipe,
+    load_recipe,
+    recipe_files,
+    recipe_from_text,
+    run_recipe,
+)
 from .schema import RecipeError, RecipeSpec, parse_recipe, to_toml
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "mergeboard_to_toml",
     "parse_mergeboard",
     "parse_recipe",
+    "recipe_files",
     "recipe_from_text",
     "run_recipe",
     "to_toml",

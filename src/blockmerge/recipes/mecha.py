@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..io.text import split_lines
 from .schema import RecipeError, to_toml
 
 __all__ = ["mecha_to_recipe_data", "mecha_to_toml", "parse_mecha"]
@@ -129,7 +130,7 @@ def _value(tok: str) -> Any:
 
 def parse_mecha(text: str, source: str = "recipe.mecha") -> list[_Line]:
     """The lines of an sd-mecha recipe, with ``&N`` references checked."""
-    lines = text.replace("\r\n", "\n").split("\n")
+    lines = split_lines(text)
     if not lines or lines[0].strip() != VERSION:
         raise RecipeError(f"{source}: line 1: expected {VERSION!r} (an sd-mecha recipe), got {lines[0][:40]!r}")
     out: list[_Line] = []

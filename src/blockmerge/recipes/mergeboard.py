@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..io.text import split_lines
 from .schema import RecipeError, recipe_from_data, to_toml
 
 _SYSTEM = re.compile(r"^__O(\d+)__$")
@@ -88,8 +89,9 @@ def parse_mergeboard(
     outputs: list[dict[str, Any]] = []
     line_of: list[int] = []
     used: set[str] = set()
-    n_lines = sum(1 for ln in text.splitlines() if _is_recipe_line(ln))
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    lines = split_lines(text)
+    n_lines = sum(1 for ln in lines if _is_recipe_line(ln))
+    for lineno, raw in enumerate(lines, 1):
         where = f"{source}:{lineno}"
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,35 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 
 def recipe_from_text(text: str, base_dir: str | os.PathLike[str] = ".", source: str = "recipe") -> Recipe:
     return Recipe(parse_recipe(text, source), Path(base_dir).resolve(), source)
+
+
+def recipe_files(text: str, base_dir: str | os.PathLike[str], source: str = "recipe") -> tuple[list[Path], list[Path]]:
+    """The files a recipe text names, as ``run`` would resolve them if it were saved in ``base_dir``:
+    (its inputs, its outputs).
+
+    Why: a command that *writes* a recipe (the importers) must treat these as its own inputs. Saving
+    the TOML over a checkpoint the recipe reads (``import-mergeboard ... --model A=a.safetensors -o
+    a.safetensors --overwrite``) destroys the model the recipe is about, and saving it where the
+    recipe writes its merge makes a recipe that would replace itself.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{source}: not valid TOML: {e}") from None
+    base = Path(base_dir).resolve()
+
+    def resolve(path: object) -> Path | None:
+        # Lenient on purpose: an imported recipe may leave an input's path empty for the user to fill.
+        if not isinstance(path, str) or not path.strip():
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else base / p
+
+    ins = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+    outs = data.get("outputs") if isinstance(data.get("outputs"), list) else []
+    inputs = [resolve(v if isinstance(v, str) else v.get("path") if isinstance(v, dict) else None) for v in ins.values()]
+    outputs = [resolve(o.get("path")) for o in outs if isinstance(o, dict)]
+    return [p for p in inputs if p is not None], [p for p in outputs if p is not None]
 
 
 @dataclass
@@ -529,9 +559,16 @@ def _lora_weights(plan: _Plan, step: str, j: int) -> BlockWeights:
 
 
 def embedded_recipe(path: str | os.PathLike[str]) -> str | None:
-    """The recipe text blockmerge embedded in a merged file (None for files without one)."""
+    """The recipe text blockmerge embedded in a merged file (None for files without one).
+
+    The text is checked as ``run`` would check it (TOML, schema, names, steps) before it is handed
+    out: ``info --recipe`` exists to print a recipe that can be rerun, so a hand-edited or foreign
+    one that cannot is a :class:`RecipeError` naming the file, not text printed with exit code 0.
+    """
     with open_checkpoint(path) as r:
         rec = read_record(r.metadata, str(path))
     if not rec or not rec.get("recipe"):
         return None
-    return str(rec["recipe"])
+    text = str(rec["recipe"])
+    parse_recipe(text, f"{path}: its embedded recipe")
+    return text
