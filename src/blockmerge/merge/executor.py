@@ -241,9 +241,7 @@ def write_source(
     out = Path(output)
     out_dt = output_dtype(dtype)
     if threads is None:
-        # Two workers beside the writing main thread. Measured on 2 cores (SD1.5 pair, bench/): quiet,
-        # 2 workers 6.1 s vs 1 worker 7.4 s; under load 2-3 the order flipped (7.5 vs 7.0 s).
-        threads = 2
+        threads = default_workers()
     keys = sorted(source.keys())
     entries = []
     for k in keys:
@@ -297,6 +295,19 @@ def write_source(
         if stats is not None:
             stats["clamped"] = worker.clamped
         bar.close()
+
+
+def default_workers() -> int:
+    """Worker threads when none are asked for: one core is left to the main thread (it writes the
+    output) and the hasher thread, at most two workers (reading and the arithmetic are memory-bound;
+    more did not help). Measured on 2 cores (bench/RESULTS.md, issue 14): SDXL pair with the inputs
+    hashed meanwhile, 1 worker 11.2-13.8 s vs 2 workers 21.6-26.6 s in three of four runs; the
+    SD1.5 pair on a quiet machine was the exception (2 workers 6.1 s vs 7.4 s)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores - 1))
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -387,7 +387,7 @@ def run_recipe(
     verify_hashes: bool = True,
     dry_run: bool = False,
     progress: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
     allow_non_finite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[RecipeOutput]:
@@ -487,7 +487,7 @@ def _check_distinct_outputs(targets: Sequence[Path], src: str) -> None:
 
 def _write_output(
     plan: _Plan, node: Source, target: Path, step: str, dtype: str, fmt: str, vae: str | None,
-    progress: bool, threads: int, allow_non_finite: bool = False, overwrite: bool = False,
+    progress: bool, threads: int | None, allow_non_finite: bool = False, overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RecipeOutput:
     spec = plan.recipe.spec
