@@ -3,7 +3,9 @@
 - **apply**: ``lora apply`` of a synthetic rank-128 LoRA (kohya's attention modules and text
   encoder, real SD1.5 names and shapes) to a synthetic full-size SD1.5 fp16 checkpoint, against the
   load-everything way (``load_file`` both, ``W += scale·up@down`` per module in float32,
-  ``save_file``). Targets: wall <= 0.5x, peak RSS <= 1.0 GB.
+  ``save_file``). Targets: wall <= 0.5x, peak RSS <= 1.0 GB. Also load-everything followed by an
+  ``os.fsync`` of its output: blockmerge's atomic write has the output on disk before it returns,
+  ``save_file`` leaves it in the page cache, so on a slow disk the plain ratio measures the disk.
 - **extract**: ``lora extract --rank 64`` on an SD1.5-shaped pair, against a plain per-tensor full
   ``torch.linalg.svd`` (``full_matrices=False``) of every difference on both models loaded whole.
   The "tuned" model is the base plus, on every module kohya trains, a full-rank difference with a
@@ -44,7 +46,7 @@ def child_apply_blockmerge(model: str, lora: str, out: str) -> None:
     apply_loras(model, [LoraSpec(Path(lora), 0.8, 0.8)], out, dtype="fp16")
 
 
-def child_apply_load_everything(model: str, lora: str, out: str, mapping: str) -> None:
+def child_apply_load_everything(model: str, lora: str, out: str, mapping: str, durable: str = "") -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -60,6 +62,12 @@ def child_apply_load_everything(model: str, lora: str, out: str, mapping: str) -
         w += scale * (up.reshape(up.shape[0], -1) @ down.reshape(r, -1)).reshape(w.shape)
         sd[key] = w.to(torch.float16)
     save_file(sd, out)
+    if durable:  # the same durability as blockmerge's atomic write: on disk before it returns
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def child_extract_blockmerge(tuned: str, base: str, out: str) -> None:
@@ -164,6 +172,21 @@ def make_inputs(scratch: Path) -> tuple[Path, Path, Path, Path, Path]:
 # ----------------------------------------------------------------------------------------------
 
 
+def disk_write_speed(folder: Path, size: int = 512 << 20) -> float:
+    """MB/s of writing ``size`` bytes to a file in ``folder`` and fdatasync-ing it (the durable write)."""
+    p = folder / "disk-speed.tmp"
+    block = os.urandom(8 << 20)
+    t0 = time.perf_counter()
+    with open(p, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fdatasync(f.fileno())
+    dt = time.perf_counter() - t0
+    p.unlink()
+    return size / 1e6 / dt
+
+
 def _run(args: list[str], out: Path) -> common.Measurement:
     if out.exists():
         out.unlink()
@@ -186,6 +209,7 @@ def main() -> None:
     if a.child:
         name, *rest = a.child
         {"apply-blockmerge": child_apply_blockmerge, "apply-load-everything": child_apply_load_everything,
+         "apply-load-everything+fsync": child_apply_load_everything,
          "extract-blockmerge": child_extract_blockmerge, "extract-svd": child_extract_svd}[name](*rest)
         return
     scratch = Path(a.scratch)
@@ -196,14 +220,18 @@ def main() -> None:
     base, tuned, lora, mapping, extract_mods = make_inputs(scratch)
     print(f"inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     common.warm_read([base, tuned, lora])
+    disk_mb_s = disk_write_speed(scratch)
+    print(f"disk: {disk_mb_s:.0f} MB/s written with fdatasync", flush=True)
     runs: dict[str, list[common.Measurement]] = {}
     outs: dict[str, str] = {}
     for _ in range(a.repeat):  # interleaved: A B A B, so load drifts hit both alike
         for name, args, out in (
             ("apply-blockmerge", [str(base), str(lora)], scratch / "apply_bm.safetensors"),
             ("apply-load-everything", [str(base), str(lora)], scratch / "apply_le.safetensors"),
+            ("apply-load-everything+fsync", [str(base), str(lora)], scratch / "apply_le_fsync.safetensors"),
         ):
-            extra = [str(mapping)] if name == "apply-load-everything" else []
+            extra = {"apply-load-everything": [str(mapping)],
+                     "apply-load-everything+fsync": [str(mapping), "fsync"]}.get(name, [])
             m = _run([name, *args, str(out), *extra], out)
             runs.setdefault(name, []).append(m)
             print(f"{name}: {m.wall_s:.1f} s, {common.fmt_bytes(m.max_rss)} (load {m.load_before:.1f})", flush=True)
@@ -228,7 +256,7 @@ def main() -> None:
     def best(n: str) -> common.Measurement:
         return min(runs[n], key=lambda m: m.wall_s)
 
-    ab, al = best("apply-blockmerge"), best("apply-load-everything")
+    ab, al, alf = best("apply-blockmerge"), best("apply-load-everything"), best("apply-load-everything+fsync")
     eb, es = best("extract-blockmerge"), best("extract-svd")
     rows = [[n, f"{best(n).wall_s:.1f}", f"{best(n).cpu_s:.1f}", common.fmt_bytes(best(n).max_rss),
              f"{best(n).load_before:.1f} → {best(n).load_after:.1f}"] for n in runs]
@@ -241,6 +269,7 @@ Machine: {", ".join(f"{k}: {v}" for k, v in machine.items())}; free disk {common
 {common.md_table(["contender", "wall s", "CPU s", "peak RSS", "load avg before → after"], rows)}
 
 - apply: wall vs load-everything **{ab.wall_s / al.wall_s:.2f}x** (target ≤ 0.5x: {"met" if ab.wall_s / al.wall_s <= 0.5 else "MISSED"}); peak RSS **{common.fmt_bytes(ab.max_rss)}** (target ≤ 1.0 GB: {"met" if ab.max_rss <= 1e9 else "MISSED"}); outputs agree to {worst:.2g} (fp16 rounding of the same float32 sum)
+- apply vs load-everything with its output on disk before it returns (`os.fsync`, as blockmerge's atomic write does): **{ab.wall_s / alf.wall_s:.2f}x**; this disk writes {disk_mb_s:.0f} MB/s with fdatasync, so the 2.1 GB output alone takes {2.13e3 / disk_mb_s:.1f} s to reach it
 - extract: wall vs full per-tensor SVD **{eb.wall_s / es.wall_s:.2f}x** (target ≤ 0.3x: {"met" if eb.wall_s / es.wall_s <= 0.3 else "MISSED"}); peak RSS **{common.fmt_bytes(eb.max_rss)}** (target ≤ 1.5 GB: {"met" if eb.max_rss <= 1.5e9 else "MISSED"}); kept energy per block within **{max(diffs.values()):.4f}** of the exact SVD's (target ≤ 0.01: {"met" if max(diffs.values()) <= 0.01 else "MISSED"})
 
 Share of each block's ||ΔW||² that rank {RANK_EXTRACT} keeps:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -150,6 +151,58 @@ def test_in_place_equals_merge_to_file(name: str, sd1_three, tiny_sd1_paths, tmp
         changed = sum(not torch.equal(p, before[q]) for q, p in ipm.params.items())
     assert changed > 0
     assert all(torch.equal(p, before[q]) for q, p in ipm.params.items())
+
+
+def _clamp_capable(name: str) -> bool:
+    m = METHODS[name]
+    return _delta_free(name) and m.clamp_problem(["model"] * _n(name)) is None
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if _clamp_capable(n)))
+def test_in_place_clamp_equals_merge_to_file_with_clamp(name: str, sd1_three, tiny_sd1_paths, tmp_path: Path) -> None:
+    """``clamp`` in place (sweep --custom, the UI's preview) is ``blockmerge merge --clamp``'s."""
+    n = _n(name)
+    paths = [tiny_sd1_paths[i % 3] for i in range(n)]
+    loaded = [sd1_three[i % 3] for i in range(n)]
+    values = _values(name, n)
+    out = merge(paths, tmp_path / "o.safetensors", method=name, params=values, dtype="fp32", clamp=True)
+    from_file = InPlaceModel(load_pipeline(out.output, device="cpu", hash_file=False)).params
+    donors = {f"d{i}": loaded[i] for i in range(1, n)}
+    ipm = InPlaceModel(loaded[0], donors)
+    edit = MergeEdit(name, resolve_params(METHODS[name], SD1, n, values), tuple(donors), ids=SD1.all_ids, clamp=True)
+    assert edit.key()["clamp"] is True
+    before = {q: p.detach().clone() for q, p in ipm.params.items()}
+    with ipm.applied(edit):
+        bad = [q for q, p in ipm.params.items() if not torch.allclose(p, from_file[q], rtol=1e-5, atol=1e-6)]
+        assert not bad, (name, bad[:3])
+    assert all(torch.equal(p, before[q]) for q, p in ipm.params.items())
+
+
+def test_in_place_clamp_keeps_an_extrapolation_inside_the_models(sd1_three) -> None:
+    a, b = sd1_three[0], sd1_three[1]
+    ipm = InPlaceModel(a, {"B": b})
+    pa, pb = InPlaceModel(a).params, InPlaceModel(b).params
+    pv = resolve_params(METHODS["weighted_sum"], SD1, 2, {"alpha": "1.5"})
+    free = MergeEdit("weighted_sum", pv, ("B",), ids=SD1.all_ids)
+    with ipm.applied(free):
+        unclamped = {q: p.detach().clone() for q, p in ipm.params.items()}
+    with ipm.applied(MergeEdit("weighted_sum", pv, ("B",), ids=SD1.all_ids, clamp=True)):
+        outside = 0
+        for q, p in ipm.params.items():
+            lo, hi = torch.minimum(pa[q], pb[q]), torch.maximum(pa[q], pb[q])
+            assert torch.equal(p, torch.minimum(torch.maximum(unclamped[q], lo), hi)), q
+            outside += int((unclamped[q] != p).sum())
+    assert outside > 1000  # α = 1.5 extrapolates: the clamp really cut
+
+
+@pytest.mark.parametrize("method,n,why", [("difference", 2, "gives a delta"), ("scaled_sum", 1, "fewer than two")])
+def test_in_place_clamp_that_cannot_apply_is_an_error(method: str, n: int, why: str) -> None:
+    pv = resolve_params(METHODS[method], SD1, n, {"alpha": "1"} if method == "scaled_sum" else {})
+    with pytest.raises(BlockmergeError, match=why):
+        MergeEdit(method, pv, tuple(f"d{i}" for i in range(1, n)), ids=SD1.all_ids, clamp=True)
+    with pytest.raises(BlockmergeError, match=f"--custom x: clamp: .*{why}"):
+        custom_variant("x", SD1, "1" if method == "scaled_sum" else None, method=method,
+                       donors=tuple(f"d{i}" for i in range(1, n)), clamp=True)
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +420,31 @@ def test_sweep_cli_custom_variant_of_any_method(tiny_sd1_paths, tmp_path: Path, 
     code, _, err = run_cli(["sweep", a, "--donor", b, "-o", tmp_path / "x", "--prompt", prompt,
                             "--custom", "s=0.5", "--method", "slerp", "--param", "k=1"], capsys)
     assert code == 2 and "k" in err
+
+
+def test_sweep_cli_clamped_custom_variant(tiny_sd1_paths, tmp_path: Path, capsys) -> None:
+    """``--clamp`` reaches the custom variants: recorded, and the images differ from the unclamped
+    extrapolation's (α = 2 takes B's side twice over; clamped, it is B itself)."""
+    a, b, _ = tiny_sd1_paths
+    out = tmp_path / "sw"
+    prompt = "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 5, Size: 32x32"
+    code, _, err = run_cli(["sweep", a, "--donor", b, "-o", out, "--prompt", prompt, "--seeds", "1",
+                            "--custom", "free=2", "--no-report", "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["sweep", a, "--donor", b, "-o", tmp_path / "cl", "--prompt", prompt, "--seeds", "1",
+                            "--custom", "free=2", "--custom", "one=1", "--clamp", "--no-report", "-q"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "cl" / "sweep.json").read_text())
+    (v,) = [v for v in res["variants"] if v["id"] == "custom:free"]
+    assert v["params"]["clamp"] == "1"
+
+    def image(folder: Path, vid: str) -> np.ndarray:
+        (p,) = [p for p in folder.rglob("*.png") if vid.replace(":", "_") in str(p) or vid in str(p)]
+        return np.asarray(Image.open(p), dtype=np.int16)
+
+    clamped, unclamped, at_b = image(tmp_path / "cl", "custom:free"), image(out, "custom:free"), image(tmp_path / "cl", "custom:one")
+    assert np.abs(clamped - unclamped).max() > 8
+    assert np.abs(clamped - at_b).max() <= 1  # clamped to [A, B], α = 2 is B everywhere
 
 
 def test_values_differ_by_block_in_the_written_file(tiny_sd1_paths, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from blockmerge.architectures import SD1, SDXL
 from blockmerge.errors import BlockmergeError, Cancelled, WeightSpecError
@@ -267,6 +268,41 @@ def test_history_reloads_and_runs_as_a_recipe(wb) -> None:
     outs = wb.run_recipe(toml)
     a, b = load_file(o.output), load_file(outs[0].output)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_clamp_reaches_merge_preview_history_and_recipe(wb, tmp_path) -> None:
+    """The clamp checkbox: the merge equals ``blockmerge merge --clamp`` byte for byte, the preview
+    equals that file's images, and the history entry, its reload and its recipe keep it."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from blockmerge.cli import main
+    from blockmerge.generation.generate import generate
+    from blockmerge.generation.loader import load_pipeline
+
+    s = replace(wb.new_settings("weighted_sum", ["tiny-a", "tiny-b"])[0].with_values("alpha", [1.6] * 26), clamp=True)
+    o = wb.merge(s, "clamped.safetensors")
+    assert "--clamp" in shlex.split(o.command) and o.record["options"]["clamp"] is True
+    args = shlex.split(o.command)[1:]
+    args[args.index("-o") + 1] = str(tmp_path / "cli.safetensors")
+    assert main(["--debug", *args, "-q"]) == 0
+    assert (tmp_path / "cli.safetensors").read_bytes() == o.output.read_bytes()
+    free = wb.merge(replace(s, clamp=False), "free.safetensors")
+    assert free.output.read_bytes() != o.output.read_bytes()
+    e = wb.history.entries[-2]
+    assert e.clamp is True and wb.settings_from_history(e.id)[0].clamp is True
+    toml = wb.history.as_recipe(e).replace('path = "clamped.safetensors"', 'path = "clamped-again.safetensors"')
+    assert "clamp = true" in toml
+    again = load_file(wb.run_recipe(toml)[0].output)
+    mine = load_file(o.output)
+    assert all(torch.equal(mine[k], again[k]) for k in mine)
+    pv = wb.preview(s, PROMPT, "1-2")
+    ref = generate(load_pipeline(o.output, device="cpu", hash_file=False), wb.generation(PROMPT, "1-2"))
+    for x, y in zip(pv.images, ref, strict=True):
+        assert np.abs(np.asarray(x.image, dtype=int) - np.asarray(y.image, dtype=int)).max() <= 1
+    assert wb.history.entries[-1].kind == "preview" and wb.history.entries[-1].clamp is True
 
 
 def test_recipes_are_checked_with_lines_and_names(wb) -> None:

@@ -125,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     params = parse_param_args(args.param)
     for name, spec in args.custom or []:
         variants.append(custom_variant(name, arch, spec, method=args.method, params=params,
-                                       donors=tuple(donors), presets=presets))
+                                       donors=tuple(donors), presets=presets, clamp=args.clamp))
     overrides = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
                  "width": args.width, "height": args.height}
     result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,
@@ -219,6 +219,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "else scaled_sum); SPEC is its α")
     p.add_argument("--param", action="append", metavar="NAME=SPEC",
                    help="another parameter of --custom's method, per block (repeatable), e.g. --param k=0.3")
+    p.add_argument("--clamp", action="store_true",
+                   help="clip every --custom variant's result to the per-element range of its models (as merge --clamp)")
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
     p.add_argument("--steps", type=STEPS, help="override the infotexts' Steps")
     p.add_argument("--sampler", help="override the infotexts' Sampler")

@@ -77,7 +77,8 @@ class MergeEdit:
     ``dtype`` (``fp16``, ``bf16``, ``fp32``, ``fp8_*``) rounds each merged tensor through that
     storage dtype, as a merge written to a file of that dtype stores it: the live preview of the UI
     then runs with exactly the weights that ``blockmerge merge --dtype`` writes and a reload reads.
-    ``None`` keeps the compute dtype's values (what the sweeps measure).
+    ``None`` keeps the compute dtype's values (what the sweeps measure). ``clamp`` clips each merged
+    element to the range of the model operands, as ``blockmerge merge --clamp`` does.
     """
 
     method: str
@@ -86,6 +87,15 @@ class MergeEdit:
     # The architecture's block ids (BASE first), for methods without parameters; else the params'.
     ids: tuple[str, ...] = ()
     dtype: str | None = None
+    clamp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clamp:
+            m = get_method(self.method)
+            m.check_count(1 + len(self.donors))
+            problem = m.clamp_problem([MODEL] * (1 + len(self.donors)))
+            if problem:
+                raise BlockmergeError(f"clamp: {problem}")
 
     def changed_blocks(self) -> list[str]:
         """Blocks some tensor of which differs from A: non-identity block values, or a rule there."""
@@ -107,6 +117,8 @@ class MergeEdit:
                "rules": {n: [r.text for r in w.rules] for n, w in sorted(self.params.items()) if w.rules}}
         if self.dtype is not None:  # only when set: the sweeps' cache keys stay what they were
             out["dtype"] = self.dtype
+        if self.clamp:
+            out["clamp"] = True
         return out
 
 
@@ -252,9 +264,9 @@ class InPlaceModel:
                 if any(t.shape != ops[0].shape for t in ops[1:]):  # inpainting conv_in: shared channels only
                     n = min(t.shape[1] for t in ops[1:])
                     out = ops[0].to(torch.float64 if ops[0].dtype == torch.float64 else torch.float32, copy=True)
-                    out[:, :n] = m.fn([t[:, :n] for t in ops], values, ctx, spaces)
+                    out[:, :n] = m.fn([t[:, :n] for t in ops], values, ctx, spaces, clamp=edit.clamp)
                 else:
-                    out = m.fn(ops, values, ctx, spaces)
+                    out = m.fn(ops, values, ctx, spaces, clamp=edit.clamp)
                 if stored is not None and out.dtype != stored and out.is_floating_point():
                     out = cast_to(out, stored)[0]  # as the file stores it (float8: clamped to its range)
                 scatter(members, out, self.params)

@@ -136,12 +136,14 @@ def custom_variant(
     params: Mapping[str, Any] | None = None,
     donors: Sequence[str] = (),
     presets: PresetBook | None = None,
+    clamp: bool = False,
 ) -> PlannedVariant:
     """A named variant from a full weight spec (number, list, preset, ``IN04-IN08=0.5``, rules...)
     of any merge method and its parameters.
 
     ``method`` defaults to ``weighted_sum`` with a donor (α = the donor's share per block, as in
-    ``blockmerge merge``) and ``scaled_sum`` without one (α = the factor per block).
+    ``blockmerge merge``) and ``scaled_sum`` without one (α = the factor per block). ``clamp`` clips
+    the result to the per-element range of the models, as ``blockmerge merge --clamp``.
     """
     if not re.fullmatch(r"[A-Za-z0-9._+-]{1,60}", name or ""):
         raise BlockmergeError(f"--custom {name!r}: names are 1-60 letters, digits, '.', '_', '+' or '-'")
@@ -158,8 +160,14 @@ def custom_variant(
         vparams[pname] = ",".join(f"{v:g}" for v in w.values) + "".join(f"; {r.text}" for r in w.rules)
     if donors:
         vparams["donors"] = ",".join(donors)
+    if clamp:
+        vparams["clamp"] = "1"
+    try:
+        edit = MergeEdit(m.name, pv, tuple(donors), ids=arch.all_ids, clamp=clamp)
+    except BlockmergeError as e:
+        raise BlockmergeError(f"--custom {name}: {e}") from None
     v = Variant(f"custom:{name}", "custom", None, vparams, name, group="custom")
-    return PlannedVariant(v, MergeEdit(m.name, pv, tuple(donors), ids=arch.all_ids))
+    return PlannedVariant(v, edit)
 
 
 def lora_variants(arch: Architecture, lora: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,

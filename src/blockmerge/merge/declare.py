@@ -329,16 +329,46 @@ class MergeMethod:
         return self.kernel(*tensors, **kw)
 
     def fn(self, tensors: Sequence[torch.Tensor], flat: Mapping[str, float], ctx: Context | None = None,
-           spaces: Sequence[str] | None = None) -> torch.Tensor:
+           spaces: Sequence[str] | None = None, clamp: bool = False) -> torch.Tensor:
         """The method on whole tensors of any float dtype; inputs untouched, result in float32/64.
 
         ``spaces`` are the spaces the operands are in (default: models); a model given for a
-        :class:`TaskVector` operand is made into a delta against the first operand here.
+        :class:`TaskVector` operand is made into a delta against the first operand here. ``clamp``
+        clips the result to the per-element range of the model operands (:func:`clamp_bounds`).
         """
         ct = compute_dtype(*(t.dtype for t in tensors))
+        spaces = list(spaces or [MODEL] * len(tensors))
         ops = [t.to(dtype=ct, copy=True) for t in tensors]
-        ops = to_operand_spaces(self, ops, spaces or [MODEL] * len(ops))
-        return self.call(ops, self.kernel_values(flat, len(ops)), ctx)
+        bounds = clamp_bounds(self, ops, spaces) if clamp else None
+        ops = to_operand_spaces(self, ops, spaces)
+        out = self.call(ops, self.kernel_values(flat, len(ops)), ctx)
+        return out.clamp_(min=bounds[0], max=bounds[1]) if bounds is not None else out
+
+    def clamp_problem(self, spaces: Sequence[str]) -> str | None:
+        """Why ``clamp`` cannot apply to this method on operands in ``spaces`` (None: it can)."""
+        if self.result != MODEL:
+            return f"{self.name} gives a delta; clamping needs a model result"
+        if len(clamp_operands(self, spaces)) < 2:
+            return f"{self.name} here has fewer than two model operands to clamp between"
+        return None
+
+
+def clamp_operands(method: MergeMethod, spaces: Sequence[str]) -> list[int]:
+    """The operands whose per-element range ``clamp`` clips to: the models among the method's
+    ``clamp_to`` roles (every model operand when it names none)."""
+    roles = method.roles(len(spaces))
+    return [i for i, (sp, r) in enumerate(zip(spaces, roles, strict=True))
+            if sp == MODEL and (not method.clamp_to or r.name in method.clamp_to)]
+
+
+def clamp_bounds(method: MergeMethod, ops: Sequence[torch.Tensor], spaces: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element minimum and maximum of the clamping operands (meh's weights_clip); new tensors."""
+    idx = clamp_operands(method, spaces)
+    lo, hi = ops[idx[0]].clone(), ops[idx[0]].clone()
+    for i in idx[1:]:
+        torch.minimum(lo, ops[i], out=lo)
+        torch.maximum(hi, ops[i], out=hi)
+    return lo, hi
 
 
 def to_operand_spaces(method: MergeMethod, ops: list[torch.Tensor], spaces: Sequence[str]) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from ..architectures import EMA_PREFIX, V_PRED_MARKER, Architecture, copied_as_is, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import CheckpointReader, open_checkpoint
-from .declare import DELTA, MODEL, Context, MergeMethod, compute_dtype, to_operand_spaces
+from .declare import DELTA, MODEL, Context, MergeMethod, clamp_bounds, compute_dtype, to_operand_spaces
 from .metadata import space_of
 from .params import check_rules, values_for
 from .weights import BlockWeights
@@ -206,12 +206,9 @@ class MergeNode:
                 raise BlockmergeError(f"{op.name}: is a model, but {method.name}'s operand {role.name} must be a "
                                       "delta (make one with --method difference)")
         self.space = method.result
-        if clamp and method.result != MODEL:
-            raise BlockmergeError(f"--clamp: {method.name} gives a delta; clamping needs a model result")
-        bounding = [r for sp, r in zip(self.spaces, self.roles, strict=True)
-                    if sp == MODEL and (not method.clamp_to or r.name in method.clamp_to)]
-        if clamp and len(bounding) < 2:
-            raise BlockmergeError(f"--clamp: {method.name} here has fewer than two model operands to clamp between")
+        problem = method.clamp_problem(self.spaces) if clamp else None
+        if problem:
+            raise BlockmergeError(f"--clamp: {problem}")
         self.arch = operands[0].arch
         for op in operands[1:]:
             if op.arch is not self.arch:
@@ -405,18 +402,9 @@ class MergeNode:
     def _context(self, key: str, values: Mapping[str, float]) -> Context:
         return Context(key=key, seed=int(values.get("seed", 0)), stats=self._ensure_stats())
 
-    def _bounds(self, ops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        models = [t for t, sp, r in zip(ops, self.spaces, self.roles, strict=True)
-                  if sp == MODEL and (not self.method.clamp_to or r.name in self.method.clamp_to)]
-        lo, hi = models[0].clone(), models[0].clone()
-        for t in models[1:]:
-            torch.minimum(lo, t, out=lo)
-            torch.maximum(hi, t, out=hi)
-        return lo, hi
-
     def _compute(self, key: str, ops: list[torch.Tensor], values: Mapping[str, float]) -> torch.Tensor:
         """The method on compute-dtype copies ``ops`` (overwritten), clamped if asked."""
-        bounds = self._bounds(ops) if self.clamp else None
+        bounds = clamp_bounds(self.method, ops, self.spaces) if self.clamp else None
         ops = to_operand_spaces(self.method, ops, self.spaces)
         out = self.method.call(ops, self.method.kernel_values(values, len(ops)), self._context(key, values))
         if bounds is not None:

@@ -153,6 +153,7 @@ def build_app(wb: Workbench) -> Any:
                     preset = gr.Dropdown(choices=[NONE, *wb.presets.names()], value=NONE, label="preset",
                                          elem_id="preset")
                     dtype = gr.Dropdown(list(DTYPES), value="fp16", label="output dtype", elem_id="dtype")
+                    clamp = gr.Checkbox(False, label="clamp to the models' range (merge --clamp)", elem_id="clamp")
                 method_info = gr.Markdown("", elem_id="method-info")
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -353,6 +354,14 @@ def build_app(wb: Workbench) -> Any:
             return {settings_state: replace(s, dtype=dt) if s is not None else s}
 
         dtype.change(on_dtype, [dtype, settings_state], [settings_state, merge_status], concurrency_limit=None)
+
+        @_guarded(merge_status)
+        def on_clamp(on: bool, s: MergeSettings | None) -> dict:
+            from dataclasses import replace
+
+            return {settings_state: replace(s, clamp=bool(on)) if s is not None else s}
+
+        clamp.change(on_clamp, [clamp, settings_state], [settings_state, merge_status], concurrency_limit=None)
 
         @_guarded(merge_status)
         def on_param(pname: str, s: MergeSettings | None) -> dict:
@@ -582,12 +591,12 @@ def build_app(wb: Workbench) -> Any:
             out = all_for(s)
             picks = list(s.models) + [NONE] * (3 - len(s.models))
             out.update({method: s.method, pick_a: picks[0], pick_b: picks[1], pick_c: picks[2], dtype: s.dtype,
-                        hist_status: f"entry #{entry_id} is in the sliders (Merge & Preview tab)"})
+                        clamp: s.clamp, hist_status: f"entry #{entry_id} is in the sliders (Merge & Preview tab)"})
             return out
 
         hist_load.click(hist_to_sliders, [hist_pick],
                         [settings_state, method_info, param, *slider_list, weights_text, rules_text, method, pick_a,
-                         pick_b, pick_c, dtype, hist_status], concurrency_limit=None)
+                         pick_b, pick_c, dtype, clamp, hist_status], concurrency_limit=None)
 
         @_guarded(hist_status)
         def hist_to_recipe(entry_id: int | None) -> dict:

@@ -42,6 +42,7 @@ class HistoryEntry:
     params: dict[str, dict[str, float]]  # parameter -> {id: value}, BASE first
     rules: dict[str, list[str]] = field(default_factory=dict)
     dtype: str = "fp16"
+    clamp: bool = False
     output: str | None = None  # merges: the file's name in the output folder
     output_sha256: str | None = None
     prompt: str | None = None  # previews: the infotext
@@ -113,6 +114,7 @@ class History:
                 "method": entry.method,
                 "models": roles,
                 "params": {n: _weights(v, entry.rules.get(n, [])) for n, v in entry.params.items()} or None,
+                "clamp": True if entry.clamp else None,
             }],
             "outputs": [{"path": entry.output or f"history-{entry.id}.safetensors", "dtype": entry.dtype}],
         }

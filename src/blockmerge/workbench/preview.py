@@ -134,6 +134,7 @@ class Previewer:
         gen: Any,
         *,
         dtype: str | None = "fp16",
+        clamp: bool = False,
         references: Sequence[int] = (0, 1),
         job: Any = None,
     ) -> Preview:
@@ -141,7 +142,8 @@ class Previewer:
         included) from the merge of ``paths`` with ``method`` and ``params``, applied in place and
         restored afterwards; plus the images of the operands listed in ``references`` (A, B).
 
-        ``dtype`` is the output dtype the merge would be written in (the preview rounds to it).
+        ``dtype`` is the output dtype the merge would be written in (the preview rounds to it);
+        ``clamp`` clips to the models' per-element range as ``blockmerge merge --clamp``.
         """
         from ..experiments.inplace import MergeEdit
 
@@ -158,7 +160,8 @@ class Previewer:
         t_load = time.perf_counter() - t0
         loaded = ipm.loaded
         arch = loaded.architecture
-        edit = MergeEdit(m.name, dict(params), DONOR_NAMES[: len(paths) - 1], ids=arch.all_ids, dtype=dtype)
+        edit = MergeEdit(m.name, dict(params), DONOR_NAMES[: len(paths) - 1], ids=arch.all_ids, dtype=dtype,
+                         clamp=clamp)
         refs: dict[str, list[Any]] = {}
         t1 = time.perf_counter()
         for i in references:

@@ -153,7 +153,7 @@ class Workbench:
         out = self.workspace.output_path(output, suffixes=MERGE_SUFFIXES)
         with input_guard():
             result = merge(paths, out, method=settings.method, params=settings.specs(), dtype=settings.dtype,
-                           presets=self.presets, overwrite=overwrite,
+                           clamp=settings.clamp, presets=self.presets, overwrite=overwrite,
                            on_progress=job.bytes_progress if job is not None else None)
         h = file_hashes(result.output)
         record = json.loads(result.metadata.get("blockmerge", "{}"))
@@ -161,7 +161,8 @@ class Workbench:
             kind="merge", method=result.method, architecture=result.architecture,
             models=self._model_records(settings.models, paths), params={n: w.as_dict() for n, w in result.params.items()},
             rules={n: [r.text for r in w.rules] for n, w in result.params.items() if w.rules},
-            dtype=settings.dtype, output=self.workspace.relative_output(result.output), output_sha256=h.sha256,
+            dtype=settings.dtype, clamp=settings.clamp, output=self.workspace.relative_output(result.output),
+            output_sha256=h.sha256,
         )
         return MergeOutcome(result.output, self.workspace.relative_output(result.output), h.sha256, h.short,
                             h.legacy, record, settings.command_line([str(p) for p in paths], str(result.output)),
@@ -195,12 +196,13 @@ class Workbench:
         paths = self.paths(settings.models)
         arch = self.architecture(settings.models)
         params = settings.resolve(arch, self.presets)
-        pv = self.previewer.render(paths, settings.method, params, gen, dtype=settings.dtype, job=job)
+        pv = self.previewer.render(paths, settings.method, params, gen, dtype=settings.dtype, clamp=settings.clamp,
+                                   job=job)
         self.history.add(
             kind="preview", method=settings.method, architecture=arch.name,
             models=self._model_records(settings.models, paths), params={n: w.as_dict() for n, w in params.items()},
             rules={n: [r.text for r in w.rules] for n, w in params.items() if w.rules}, dtype=settings.dtype,
-            prompt=prompt, seeds=list(gen.seeds),
+            clamp=settings.clamp, prompt=prompt, seeds=list(gen.seeds),
         )
         return pv
 
@@ -355,4 +357,4 @@ class Workbench:
             arch = by_name(e.architecture)
         except KeyError:
             raise BlockmergeError(f"history #{entry_id}: unknown architecture {e.architecture}") from None
-        return settings_from_record(e.params, e.rules, e.method, names, arch, e.dtype), arch
+        return settings_from_record(e.params, e.rules, e.method, names, arch, e.dtype, e.clamp), arch

@@ -104,6 +104,7 @@ class MergeSettings:
     values: Mapping[str, tuple[float, ...]]
     rules: Mapping[str, str] = field(default_factory=dict)
     dtype: str = "fp16"
+    clamp: bool = False  # clip the result to the models' per-element range (merge --clamp)
 
     def specs(self) -> dict[str, str]:
         """Each parameter as the weight spec ``--param NAME=SPEC`` takes (BASE-first list; rules)."""
@@ -146,6 +147,8 @@ class MergeSettings:
         for name, spec in self.specs().items():
             args += ["--param", f"{name}={spec}"]
         args += ["--dtype", self.dtype]
+        if self.clamp:
+            args.append("--clamp")
         return " ".join(shlex.quote(a) for a in args)
 
 
@@ -163,7 +166,8 @@ def initial_settings(method: str, models: Sequence[str], arch: Architecture, dty
         else:
             values[sp.name] = (sp.fill,) * len(arch.all_ids)
     rules = {n: r for n, r in (previous.rules.items() if previous is not None else ()) if n in values}
-    return MergeSettings(m.name, tuple(models), arch.name, values, rules, dtype)
+    clamp = previous.clamp if previous is not None else False
+    return MergeSettings(m.name, tuple(models), arch.name, values, rules, dtype, clamp)
 
 
 def format_blocks(values: Sequence[float], arch: Architecture) -> str:
@@ -210,7 +214,8 @@ def blocks_of(settings: MergeSettings, param: str, arch: Architecture) -> dict[s
 
 
 def settings_from_record(params: Mapping[str, Mapping[str, float]], rules: Mapping[str, Sequence[str]],
-                         method: str, models: Sequence[str], arch: Architecture, dtype: str) -> MergeSettings:
+                         method: str, models: Sequence[str], arch: Architecture, dtype: str,
+                         clamp: bool = False) -> MergeSettings:
     """Settings back from a record (a history entry, a merged file's blockmerge record)."""
     values = {}
     for name, per_block in params.items():
@@ -219,6 +224,6 @@ def settings_from_record(params: Mapping[str, Mapping[str, float]], rules: Mappi
             raise BlockmergeError(f"record of {name}: no value for {', '.join(missing[:4])}")
         values[name] = tuple(float(per_block[b]) for b in arch.all_ids)
     rtext = {n: ", ".join(r) for n, r in rules.items()}
-    s = MergeSettings(method, tuple(models), arch.name, values, rtext, dtype)
+    s = MergeSettings(method, tuple(models), arch.name, values, rtext, dtype, bool(clamp))
     s.resolve(arch)  # a record that does not fit the method is an error here, not at merge time
     return s
