@@ -75,10 +75,24 @@ SD_MECHA = {
     "geometric_sum": lambda sm, m, p: sm.geometric_sum(m[0], m[1], alpha=p["alpha"]),
     "slerp": lambda sm, m, p: sm.slerp(m[0], m[1], alpha=p["alpha"]),
     "add_perpendicular": lambda sm, m, p: sm.add_perpendicular(m[0], m[1], m[2], alpha=p["alpha"]),
-    # sd-mecha's TIES (vote_sgn false = election by count) keeps about one more element per tensor
-    "ties": lambda sm, m, p: sm.add_difference_ties(m[0], *m[1:], alpha=p["alpha"], k=p["k"]),
+    # sd-mecha's TIES (vote_sgn false = election by count) keeps about one more element per tensor.
+    # Built from its parts: sd-mecha 1.1.8's add_difference_ties wrapper fails before merging
+    # (its add_difference compares the base's merge space with the ties_sum node's, which is still
+    # None when the recipe is built: AttributeError 'NoneType' object has no attribute 'identifier').
+    "ties": lambda sm, m, p: _mecha_ties(sm, m, p),
     "geometric_median": lambda sm, m, p: sm.geometric_median(*m, maxiter=int(p["maxiter"])),
 }
+
+
+def _mecha_ties(sm, m, p):
+    """sd-mecha's add_difference_ties recipe without its wrapper: ``base + α·ties_sum(Mᵢ - base)``,
+    keys ties_sum leaves out taken from the base (the wrapper's ``| a``)."""
+    from sd_mecha.extensions.builtin.merge_methods import linear
+
+    deltas = [sm.subtract(x, m[0]) for x in m[1:]]
+    return linear.add_difference(m[0], sm.ties_sum(*deltas, k=p["k"]), alpha=p["alpha"]) | m[0]
+
+
 ELEMENTWISE_TARGETS = (0.3, 1.0e9)
 WHOLE_TARGETS = (0.5, 1.5e9)
 
