@@ -71,10 +71,12 @@ def _weights_nonzero(values: dict) -> str | None:
 def n_average(*models: Model, w: float = Param(1.0, "weight of model i (w1, w2, ...; normalised by their sum)",
                                                per_operand=True)) -> Model:
     """The (weighted) mean of any number of models."""
-    out = models[0].mul_(w[0])
+    # The weights normalised once (wᵢ/Σw): one pass per model and no division pass at the end.
+    total = sum(w)
+    out = models[0].mul_(w[0] / total)
     for m, wi in zip(models[1:], w[1:], strict=True):
-        out.add_(m, alpha=wi)
-    return out.div_(sum(w))
+        out.add_(m, alpha=wi / total)
+    return out
 
 
 @merge_method(formula="A - B", elementwise=True, source="sd-mecha subtract; the task vector of a fine-tune")
