@@ -141,27 +141,39 @@ def geometric_median(*models: Model,
                      ftol: float = Param(1e-20, "stop when the objective improves by less than this, relative",
                                          lo=0.0)) -> Model:
     """The point with the least total distance to all models, per tensor: robust to one outlier model."""
+    # sd-mecha's loop (geom_median's Weiszfeld) computes each model's distance to the median twice:
+    # for the objective at the new median and, the next iteration, as the weights' denominators.
+    # Here once per median, into reused buffers (torch.dist allocates a full-size difference:
+    # 100 ms against 23 ms for SD1.5's token embedding). Same values, same stopping rule: the
+    # objective is the mean distance to the new median; the last iteration's objective decides
+    # nothing, so it is not computed.
     n = len(models)
     ones = torch.ones(n, dtype=models[0].dtype)
+    median = torch.empty_like(models[0])
+    diff = torch.empty_like(models[0])
 
     def average(weights: torch.Tensor) -> torch.Tensor:
-        out = models[0] * weights[0]
+        torch.mul(models[0], weights[0], out=median)
         for m, wi in zip(models[1:], weights[1:], strict=True):
-            out.add_(m, alpha=float(wi))
-        return out.div_(weights.sum())
+            median.add_(m, alpha=float(wi))
+        return median.div_(weights.sum())
 
-    def objective(median: torch.Tensor) -> float:
-        return float(torch.stack([torch.dist(m, median) for m in models]).mean())
+    def distances() -> torch.Tensor:
+        return torch.stack([torch.linalg.vector_norm(torch.sub(m, median, out=diff)) for m in models])
 
-    median = average(ones)
-    weights = ones
-    obj = objective(median)
-    for _ in range(int(maxiter)):
+    average(ones)
+    if maxiter <= 0:
+        return median
+    dist = distances()
+    obj = float(dist.mean())
+    for i in range(int(maxiter)):
+        weights = ones / torch.clamp(dist, min=eps)
+        average(weights)
+        if i == maxiter - 1:
+            break
         prev = obj
-        denom = torch.stack([torch.dist(m, median) for m in models])
-        weights = ones / torch.clamp(denom, min=eps)
-        median = average(weights)
-        obj = objective(median)
+        dist = distances()
+        obj = float(dist.mean())
         if abs(prev - obj) <= ftol * obj:
             break
     return median
