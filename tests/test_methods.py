@@ -553,3 +553,17 @@ def test_geometric_sum_real_arithmetic_is_the_complex_formula(alpha: float) -> N
     np.testing.assert_allclose(got[ok], want[ok], rtol=2e-6, atol=1e-7)
     if 0.0 <= alpha <= 1.0:
         assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("count_signs", [0, 1])
+@pytest.mark.parametrize("n_models", [2, 130])
+def test_ties_sign_election_any_number_of_models(count_signs: int, n_models: int) -> None:
+    """The election by count runs in int8 below 128 task vectors and in floats above; both, and
+    the election by mass, match the float64 reference."""
+    ops = _operands(n_models + 1, (9, 5), seed=n_models)
+    w = {f"w{i + 1}": 1.0 + 0.1 * (i % 3) for i in range(n_models)}
+    values = {"alpha": 0.9, "k": 0.5, "count_signs": count_signs, **w}
+    got = _run("ties", ops, values)
+    arrs = [t.double().numpy() for t in ops]
+    want = r_ties(arrs[0], *arrs[1:], alpha=0.9, k=0.5, w=list(w.values()), count_signs=count_signs)
+    _close(got, want, f"ties {n_models} models, count_signs={count_signs}")
