@@ -11,6 +11,8 @@ edge cases (zero and parallel tensors, all-zero task vectors, p = 0 and p near 1
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from blockmerge.architectures import SD1
 from blockmerge.merge import TensorSource, write_source
 from blockmerge.merge import executor as ex
-from blockmerge.merge.declare import Context, derive_seed
+from blockmerge.merge.declare import Context, Model, Param, derive_seed, merge_method, unregister
 from blockmerge.merge.methods import METHODS
 from blockmerge.merge.nodes import MergeNode
 from blockmerge.merge.params import resolve_params
@@ -567,3 +569,68 @@ def test_ties_sign_election_any_number_of_models(count_signs: int, n_models: int
     arrs = [t.double().numpy() for t in ops]
     want = r_ties(arrs[0], *arrs[1:], alpha=0.9, k=0.5, w=list(w.values()), count_signs=count_signs)
     _close(got, want, f"ties {n_models} models, count_signs={count_signs}")
+
+
+# --- the executor's bound on whole tensors in flight ------------------------------------------------
+
+@pytest.fixture
+def probe_method():
+    """A whole-tensor method that records, as it runs, how many elements every running call holds."""
+    lock = threading.Lock()
+    running: dict[int, int] = {}
+    seen: list[tuple[int, ...]] = []  # the sizes running together, each time one starts
+
+    @merge_method(formula="A (records concurrency)", elementwise=False, source="this test")
+    def budget_probe(a: Model, b: Model, *, alpha: float = Param(None, "unused")) -> Model:
+        """A test method."""
+        with lock:
+            running[id(a)] = a.numel()
+            seen.append(tuple(sorted(running.values(), reverse=True)))
+        time.sleep(0.15 if a.numel() > 1000 else 0.03)  # sleeping releases the GIL: threads overlap
+        with lock:
+            del running[id(a)]
+        return a
+
+    yield budget_probe, seen
+    unregister("budget_probe")
+
+
+def test_whole_tensors_in_flight_are_bounded_by_the_largest(probe_method, tmp_path: Path, monkeypatch) -> None:
+    """Two threads never compute two large whole tensors at once (together more than WHOLE_BUDGET
+    times the largest), yet small ones still run beside a large one; without the bound, the same
+    merge does run two large ones at once (so the check can fail)."""
+    method, seen = probe_method
+    big, small = 30_000, 500
+    keys = [f"model.diffusion_model.input_blocks.{i}.1.proj_in.weight" for i in (1, 2, 4, 5, 7, 8)]
+    keys += [f"model.diffusion_model.output_blocks.{i}.1.proj_in.weight" for i in (3, 4, 5, 6, 7, 8)]
+    sizes = {k: big if i % 3 != 2 else small for i, k in enumerate(sorted(keys))}  # big, big, small, ...
+    g = torch.Generator().manual_seed(0)
+    sds = [{k: torch.randn(n, generator=g) for k, n in sizes.items()} for _ in range(2)]
+    srcs = [TensorSource(sd, SD1, name=f"m{i}") for i, sd in enumerate(sds)]
+
+    def run(out: str) -> list[tuple[int, ...]]:
+        seen.clear()
+        node = MergeNode(method, srcs, resolve_params(method, SD1, 2, {"alpha": 0.5}))
+        write_source(node, tmp_path / out, dtype="fp32", threads=2)
+        return list(seen)
+
+    bounded = run("bounded.safetensors")
+    assert len(bounded) == len(keys)
+    assert all(sum(s) <= ex.WHOLE_BUDGET * big for s in bounded)
+    assert not any(s[:2] == (big, big) for s in bounded)
+    assert any(len(s) == 2 for s in bounded)  # a small tensor ran beside a large one
+    monkeypatch.setattr(ex, "WHOLE_BUDGET", 100.0)
+    free = run("free.safetensors")
+    assert any(s[:2] == (big, big) for s in free)
+    assert (tmp_path / "bounded.safetensors").read_bytes() == (tmp_path / "free.safetensors").read_bytes()
+
+
+def test_element_budget_takes_and_gives_back() -> None:
+    b = ex.ElementBudget(10)
+    with b.hold(6):
+        assert b.free == 4
+        with b.hold(4):
+            assert b.free == 0
+    with b.hold(25):  # above the capacity: takes all of it, and runs
+        assert b.free == 0
+    assert b.free == 10

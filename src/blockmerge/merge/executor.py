@@ -36,6 +36,7 @@ from ..io import (
     saturates,
 )
 from ..io import output_dtype as output_dtype
+from ..io.memory import release_free_memory
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
 from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight, vae_prefix
@@ -46,6 +47,15 @@ from .weights import BlockWeights
 OUT_DTYPES = OUTPUT_DTYPES  # the table lives in blockmerge.io.dtypes
 LOOKAHEAD = 4
 SLICE = 1 << 22  # elements per slice: 8 MiB of fp16, 16 MiB of float32 scratch per operand
+# Whole-tensor tasks computed at once hold at most this many times the elements of the largest
+# whole tensor of the output. A whole-tensor method's working memory is several float32 copies of
+# its tensor (operands, scratch, temporaries), so two large tensors on two threads at once add up:
+# SD1.5's 38M-element token embedding beside one of its 29.5M-element convolutions took TIES past
+# 1.5 GB. With 1.5x, the largest tensor runs beside tensors up to half its size only, and peak
+# memory stays within 1.5x of computing the largest tensor alone, whatever the thread count; the
+# many small tensors still run in parallel.
+WHOLE_BUDGET = 1.5
+TRIM_AT = 1 << 20  # elements: after whole tensors this large, freed pages go back to the system
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -106,11 +116,39 @@ class NonFiniteError(BlockmergeError):
     """A merged tensor with inf/NaN values: never written silently."""
 
 
+class ElementBudget:
+    """A counting semaphore in elements: :meth:`hold` waits until ``n`` are free and takes them.
+
+    A request above the capacity takes the whole capacity (it then runs alone). Holders never wait
+    on one another while holding, so there is no deadlock: every holder finishes and gives back.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, int(capacity))
+        self.free = self.capacity
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        n = min(max(0, int(n)), self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
+
+
 class _Worker:
     """Computes tasks into output buffers from a bounded pool; one Scratch per thread."""
 
-    def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int, allow_non_finite: bool = False) -> None:
+    def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int, allow_non_finite: bool = False,
+                 budget: ElementBudget | None = None) -> None:
         self.source = source
+        self.budget = budget
         self.out_dt = out_dt
         self.local = threading.local()
         self.pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
@@ -144,7 +182,10 @@ class _Worker:
 
     def run(self, t: _Task) -> tuple[torch.Tensor, torch.Tensor | None]:
         if t.whole:
-            out, n = _cast(t.key, self.source.get(t.key), self.out_dt)
+            with self.budget.hold(t.hi - t.lo) if self.budget is not None else contextlib.nullcontext():
+                out, n = _cast(t.key, self.source.get(t.key), self.out_dt)
+            if t.hi - t.lo >= TRIM_AT:
+                release_free_memory()
             self._count(n)
             if is_weight(t.key, out.dtype):
                 self._check(t.key, out)
@@ -253,8 +294,11 @@ def write_source(
         disable=not progress, file=sys.stderr, leave=False,
     )
     ckpt = output_format(out, fmt) == "ckpt"
-    tasks = _plan_tasks(source, entries, out_dt) if not ckpt else [_Task(k, 0, 0, True, True) for k, _, _ in entries]
-    worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1, allow_non_finite)
+    tasks = (_plan_tasks(source, entries, out_dt) if not ckpt
+             else [_Task(k, 0, _numel(s), True, True) for k, _, s in entries])
+    whole = [t.hi - t.lo for t in tasks if t.whole]
+    budget = ElementBudget(int(WHOLE_BUDGET * max(whole))) if threads > 1 and whole else None
+    worker = _Worker(source, out_dt, LOOKAHEAD + 1 if threads > 1 else 1, allow_non_finite, budget)
     if stats is not None:
         stats["clamped"] = 0
     done = 0

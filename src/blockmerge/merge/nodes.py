@@ -20,12 +20,14 @@ import torch
 from ..architectures import EMA_PREFIX, V_PRED_MARKER, Architecture, copied_as_is, detect
 from ..errors import BlockmergeError, CheckpointError
 from ..io import CheckpointReader, open_checkpoint
+from ..io.memory import release_free_memory
 from .declare import DELTA, MODEL, Context, MergeMethod, clamp_bounds, compute_dtype, to_operand_spaces
 from .metadata import space_of
 from .params import check_rules, values_for
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
+TRIM_AT = 1 << 20  # elements: the statistics pass returns freed pages after tensors this large
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
@@ -396,6 +398,10 @@ class MergeNode:
                     v = st.collect(key, ts)
                     if v is not None:
                         kept.append(v.detach().to(torch.float64).reshape(-1))
+                    big = ts[0].numel() >= TRIM_AT
+                    del ts, v
+                    if big:  # the small kept values pin the heap: its freed pages are returned
+                        release_free_memory()
                 self._stats = st.reduce(kept)
                 self._stats_done = True
         return self._stats
@@ -439,6 +445,8 @@ class MergeNode:
         values = self.values(key)
         if self.method.is_identity(values):
             return a.get(key)
+        # Model-wide statistics first: a thread waiting for another's statistics pass then holds no tensors.
+        self._ensure_stats()
         tensors = [o.get(key) for o in self.operands]
         ct = compute_dtype(*(t.dtype for t in tensors))
         if plan == "partial":
