@@ -249,7 +249,8 @@ def render(rows, before_rows, info, notes, max_load) -> str:
     out += [common.md_table(["method", "kind", "blockmerge s", "blockmerge peak RSS", "sd-mecha s",
                              "sd-mecha peak RSS", "vs targets", "output vs sd-mecha"], table), ""]
     if before_rows:
-        out += ["Today's three methods, before the registry vs now (same invocation, interleaved):", ""]
+        out += ["Today's three methods, the code at `--before-src` (before) vs this checkout (now), same invocation, "
+                "interleaved:", ""]
         t = []
         for name, mb, mn, same in before_rows:
             t.append([name, f"{mb.wall_s:.1f}", f"{mn.wall_s:.1f}", f"{mn.wall_s / mb.wall_s:.2f}x",
