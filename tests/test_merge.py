@@ -313,3 +313,31 @@ def test_slicing_does_not_change_a_byte(tiny_sd1_paths, tmp_path, monkeypatch):
             outs[(name, method)] = o.read_bytes()
     assert outs[("whole", "weighted_sum")] == outs[("sliced", "weighted_sum")]
     assert outs[("whole", "add_difference")] == outs[("sliced", "add_difference")]
+
+
+@pytest.mark.parametrize("cores,plain,compute", [(1, 1, 1), (2, 1, 2), (3, 2, 2), (16, 2, 2)])
+def test_default_workers_leave_a_core_to_the_writer_unless_compute_bound(monkeypatch, cores, plain, compute):
+    """Plain merges: cores - 1 workers (the main thread writes and a thread hashes), at most 2;
+    compute-bound sources (LoRA products): every core, at most 2."""
+    import os
+
+    from blockmerge.merge.executor import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers() == plain
+    assert default_workers(compute_bound=True) == compute
+
+
+def test_lora_apply_and_merge_write_the_same_bytes_for_any_worker_count(tiny_sd1_paths, tmp_path):
+    """The default worker count is a speed choice only: outputs never depend on it."""
+    from blockmerge.lora import LoraSpec, apply_loras
+    from blockmerge.models import find_bundled_lora, resolve_model
+
+    lora = find_bundled_lora("tiny-b-outline")
+    assert lora is not None
+    outs = [apply_loras(resolve_model("tiny-a"), [LoraSpec(lora, 0.7, 0.7)], tmp_path / f"l{t}.safetensors",
+                        threads=t).output.read_bytes() for t in (None, 1, 2)]
+    assert outs[0] == outs[1] == outs[2]
+    outs = [merge(list(tiny_sd1_paths[:2]), tmp_path / f"m{t}.safetensors", alpha=0.3, threads=t).output.read_bytes()
+            for t in (None, 1, 2)]
+    assert outs[0] == outs[1] == outs[2]

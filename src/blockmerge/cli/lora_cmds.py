@@ -138,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH[:BLOCKS]]", help="LoRA file or name, in order")
     _common(a)
     a.add_argument("--format", choices=["safetensors", "ckpt"], help="default: from the output's suffix")
-    a.add_argument("--threads", type=THREADS, help="worker threads (default: cores - 1, at most 2)")
+    a.add_argument("--threads", type=THREADS, help="worker threads (default: every core, at most 2: the LoRA products are compute-bound)")
     a.add_argument("--allow-non-finite", action="store_true", help="write inf/NaN results anyway (with a warning)")
     _lora_dir(a)
     a.set_defaults(func=cmd_lora_apply)

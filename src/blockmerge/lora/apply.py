@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import BlockmergeError
 from ..io import check_output_path
-from ..merge.executor import input_record, output_format, write_hashed
+from ..merge.executor import default_workers, input_record, output_format, write_hashed
 from ..merge.metadata import build_metadata
 from ..merge.methods import get_method
 from ..merge.nodes import FileSource, MergeNode, MergeReport, Source
@@ -126,7 +126,7 @@ def apply_loras(
                                   a1111_roles=("A", None, None))
 
         written, final = write_hashed(node, out, paths, meta, dtype=dtype, fmt=fmt, progress=progress,
-                                      threads=threads, allow_non_finite=allow_non_finite, report=report,
+                                      threads=threads if threads is not None else default_workers(compute_bound=True), allow_non_finite=allow_non_finite, report=report,
                                       overwrite=overwrite)
         warnings.extend(report.warnings)
         return ApplyResult(out, src.arch.name, records, len(node.keys()), written, warnings, final)

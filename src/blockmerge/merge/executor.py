@@ -341,17 +341,20 @@ def write_source(
         bar.close()
 
 
-def default_workers() -> int:
+def default_workers(compute_bound: bool = False) -> int:
     """Worker threads when none are asked for: one core is left to the main thread (it writes the
     output) and the hasher thread, at most two workers (reading and the arithmetic are memory-bound;
     more did not help). Measured on 2 cores (bench/RESULTS.md, issue 14): SDXL pair with the inputs
     hashed meanwhile, 1 worker 11.2-13.8 s vs 2 workers 21.6-26.6 s in three of four runs; the
-    SD1.5 pair on a quiet machine was the exception (2 workers 6.1 s vs 7.4 s)."""
+    SD1.5 pair on a quiet machine was the exception (2 workers 6.1 s vs 7.4 s).
+
+    ``compute_bound`` sources (a LoRA's up @ down products) use every core up to two: baking a
+    rank-128 LoRA into SD1.5 on 2 quiet cores took 8.8-10.2 s with 2 workers, 10.6-13.9 s with 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(2, cores - 1))
+    return max(1, min(2, cores if compute_bound else cores - 1))
 
 
 def _numel(shape: Sequence[int]) -> int:
