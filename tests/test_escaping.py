@@ -238,3 +238,14 @@ def test_merge_board_import_reads_back_to_the_same_recipe(lines, note, source, p
     assert back.get("outputs", []) == data["outputs"]
     assert {k: v.get("path", "") for k, v in back.get("inputs", {}).items()} == \
         {k: v["path"] for k, v in data["inputs"].items()}
+
+
+@pytest.mark.parametrize("ch", ["\x85", "\u2028", "\u2029", "\x9f", "\x7f"])
+def test_recipe_toml_has_no_line_breaks_other_readers_see(ch: str) -> None:
+    """NEL, LS, PS (and the C1 controls) are raw-legal in TOML but Python's splitlines and many editors
+    break lines there: in names, values and comments they are written escaped."""
+    data = {"version": 1, "architecture": f"a{ch}b", "inputs": {f"{ch}#": {"path": f"p{ch}\n# x = 1"}}}
+    text = to_toml(data, [f"note {ch} here"])
+    assert ch not in text
+    assert tomllib.loads(text) == {"version": 1, "architecture": f"a{ch}b", "inputs": {f"{ch}#": {"path": f"p{ch}\n# x = 1"}}}
+    assert len([ln for ln in text.splitlines() if ln.startswith("#")]) == 1

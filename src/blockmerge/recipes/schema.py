@@ -327,6 +327,9 @@ def _topological(spec: RecipeSpec, names: list[str], index: dict[str, int], sour
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+_LINE_BREAKERS = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
 def toml_key(k: str) -> str:
     return k if _BARE.match(k) else toml_value(k)
 
@@ -347,8 +350,10 @@ def toml_value(v: Any) -> str:
             raise RecipeError(f"{v.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8 and "
                               "cannot be written to a recipe (rename the file)")
         # JSON string escapes are a subset of TOML's basic-string escapes; DEL is the one control
-        # character JSON leaves raw and TOML forbids.
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+        # character JSON leaves raw and TOML forbids. The C1 controls and the Unicode line and
+        # paragraph separators are legal raw in TOML, but Python's splitlines and many editors break
+        # lines at NEL, LS and PS: escaped, a written recipe is one line per line for every reader.
+        return _LINE_BREAKERS.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(v, ensure_ascii=False))
     if isinstance(v, list | tuple):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
@@ -357,7 +362,7 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-_COMMENT_BAD = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+_COMMENT_BAD = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def toml_comment(text: str) -> str:
