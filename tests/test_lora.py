@@ -199,22 +199,30 @@ def test_group_modules_reads_every_naming() -> None:
 _KOHYA_UNET = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
-@pytest.mark.parametrize("arch", [SD1, SD2, SDXL], ids=lambda a: a.name)
-def test_every_kohya_module_name_maps_to_the_key_diffusers_gives_it(arch) -> None:
-    """kohya names modules by the diffusers path (dots as underscores); each must land on the key
-    diffusers' own LDM converter turns into that parameter, and the LDM spelling on the same key."""
+def _meta_unet(arch):
+    """The full-size single-file layout of ``arch``, its LoRA name table, and diffusers' own U-Net
+    built on the meta device from that layout's config (also returned)."""
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     from blockmerge.architectures.unet_config import unet_config
 
     layout = {k: tuple(t.shape) for k, t in arch.synthetic("full", None).items()}
-    table = family_table(arch)
     cfg = unet_config(arch, frozenset(layout), lambda k: layout[k], "t", 64)
     if "projection_class_embeddings_input_dim" in cfg:
         cfg["addition_time_embed_dim"] = 256
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
+    return layout, family_table(arch), cfg, unet
+
+
+@pytest.mark.parametrize("arch", [SD1, SD2, SDXL], ids=lambda a: a.name)
+def test_every_kohya_module_name_maps_to_the_key_diffusers_gives_it(arch) -> None:
+    """kohya names modules by the diffusers path (dots as underscores); each must land on the key
+    diffusers' own LDM converter turns into that parameter, and the LDM spelling on the same key."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+
+    layout, table, cfg, unet = _meta_unet(arch)
     # where diffusers puts each single-file tensor: follow placeholder identities through its converter
     unet_keys = [k for k in layout if k.startswith("model.diffusion_model.")]
     ph = {k: torch.empty(0, device="meta") for k in unet_keys}
@@ -779,19 +787,11 @@ def test_extract_targets_are_kohyas_module_classes(arch, conv) -> None:
     """The modules extract writes are the Linear / Conv2d layers inside the classes kohya's LoRA
     network targets (Transformer2DModel; with a conv rank also ResnetBlock2D, Downsample2D,
     Upsample2D), read off diffusers' own model built on the meta device."""
-    from diffusers import UNet2DConditionModel
 
     from blockmerge.architectures.ldm_names import unet_diffusers_to_ldm_name
-    from blockmerge.architectures.unet_config import unet_config
     from blockmerge.lora.extract import kohya_modules
 
-    layout = {k: tuple(t.shape) for k, t in arch.synthetic("full", None).items()}
-    table = family_table(arch)
-    cfg = unet_config(arch, frozenset(layout), lambda k: layout[k], "t", 64)
-    if "projection_class_embeddings_input_dim" in cfg:
-        cfg["addition_time_embed_dim"] = 256
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
+    layout, table, cfg, unet = _meta_unet(arch)
     classes = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv else set())
     expect = set()
     for path, mod in unet.named_modules():
