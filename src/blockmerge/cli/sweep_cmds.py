@@ -56,14 +56,7 @@ def _check_sweep_folder(out: Path, overwrite: bool, reverse: bool) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..errors import BlockmergeError
     from ..experiments.report import write_report
-    from ..experiments.sweep import (
-        bypass_variants,
-        custom_variant,
-        parse_blocks,
-        run_sweep,
-        scale_variants,
-        swap_variants,
-    )
+    from ..experiments.sweep import parse_blocks, plan_variants, run_sweep, swap_variants
     from ..generation.generate import parse_seeds
     from ..generation.loader import load_pipeline
     from ..merge import load_presets
@@ -109,23 +102,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             name += "-donor"
         donors[name] = load_pipeline(path_b, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
         donor_name = donor_name or name  # the first donor is the one --swap / --reverse use
-    variants = []
-    if args.scale:
-        variants += scale_variants(arch, blocks, args.scale)
-    if args.bypass:
-        variants += bypass_variants(blocks)
-    if args.swap:
-        for r in args.swap_ratio or [1.0]:
-            variants += swap_variants(arch, blocks, donor_name, r)
-    if lora_spec is not None:
+    variants = plan_variants(arch, blocks, scale=args.scale or (), bypass=args.bypass,
+                             swap_donor=donor_name if args.swap else None, swap_ratios=args.swap_ratio or [1.0],
+                             custom=args.custom or [], method=args.method, params=parse_param_args(args.param),
+                             donors=list(donors), presets=presets, clamp=args.clamp)
+    if lora_spec is not None:  # an experiment of its own: never beside the others (checked above)
         from ..experiments.sweep import lora_variants
 
         chosen = blocks if args.blocks else None
         variants += lora_variants(arch, lora_spec.path, path_a, lora_spec.unet, chosen)
-    params = parse_param_args(args.param)
-    for name, spec in args.custom or []:
-        variants.append(custom_variant(name, arch, spec, method=args.method, params=params,
-                                       donors=tuple(donors), presets=presets, clamp=args.clamp))
     overrides = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
                  "width": args.width, "height": args.height}
     result = run_sweep(model, variants, prompts, out, seeds=seeds, donors=donors, overrides=overrides,

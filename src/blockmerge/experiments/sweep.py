@@ -170,6 +170,38 @@ def custom_variant(
     return PlannedVariant(v, edit)
 
 
+def plan_variants(
+    arch: Architecture,
+    blocks: Sequence[str],
+    *,
+    scale: Sequence[float] = (),
+    bypass: bool = False,
+    swap_donor: str | None = None,
+    swap_ratios: Sequence[float] = (1.0,),
+    custom: Sequence[tuple[str, str]] = (),
+    method: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    donors: Sequence[str] = (),
+    presets: PresetBook | None = None,
+    clamp: bool = False,
+) -> list[PlannedVariant]:
+    """The variants of a sweep, in report order: each ``scale`` k, ``bypass``, the swaps from
+    ``swap_donor`` at each ratio, then the ``custom`` ``(name, spec)`` merges of ``method`` over
+    ``donors``. One planner for the command line and the web UI."""
+    variants: list[PlannedVariant] = []
+    if scale:
+        variants += scale_variants(arch, blocks, list(scale))
+    if bypass:
+        variants += bypass_variants(blocks)
+    if swap_donor is not None:
+        for r in swap_ratios:
+            variants += swap_variants(arch, blocks, swap_donor, r)
+    for name, spec in custom:
+        variants.append(custom_variant(name, arch, spec, method=method, params=params, donors=tuple(donors),
+                                       presets=presets, clamp=clamp))
+    return variants
+
+
 def lora_variants(arch: Architecture, lora: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
                   strength: float = 1.0, blocks: Sequence[str] | None = None) -> list[PlannedVariant]:
     """The article's experiment on a LoRA (LoRA Block Weight's "effective block analyzer", measured).

@@ -215,14 +215,7 @@ class Workbench:
         """A sweep into ``folder`` (inside the output folder) and its U-shaped report, on the pipelines
         the previews keep loaded. A cancelled sweep keeps its finished images; rerunning resumes."""
         from ..experiments.report import write_report
-        from ..experiments.sweep import (
-            bypass_variants,
-            custom_variant,
-            parse_blocks,
-            run_sweep,
-            scale_variants,
-            swap_variants,
-        )
+        from ..experiments.sweep import parse_blocks, plan_variants, run_sweep
 
         if not (scale or bypass or swap or custom):
             raise BlockmergeError("choose at least one experiment: scale, bypass, swap or custom")
@@ -246,16 +239,8 @@ class Workbench:
                 raise BlockmergeError(f"donor {donor!r} is {donors[dname].architecture.title}, "
                                       f"{model!r} is {arch.title}")
         chosen = parse_blocks(blocks or None, arch)
-        variants = []
-        if scale:
-            variants += scale_variants(arch, chosen, list(scale))
-        if bypass:
-            variants += bypass_variants(chosen)
-        if swap and dname is not None:
-            variants += swap_variants(arch, chosen, dname)
-        for name, spec in custom:
-            variants.append(custom_variant(name, arch, spec, method=method, donors=tuple(donors),
-                                           presets=self.presets))
+        variants = plan_variants(arch, chosen, scale=scale, bypass=bypass, swap_donor=dname if swap else None,
+                                 custom=custom, method=method, donors=list(donors), presets=self.presets)
         from ..io import input_guard
 
         with input_guard():
