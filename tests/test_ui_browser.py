@@ -191,6 +191,19 @@ def test_ui_in_headless_chromium(tmp_path: Path, capsys) -> None:
             assert written.read_bytes() == cli_file.read_bytes()
             assert "--param alpha=0," + ",".join(fmt_value(v) for v in VALUES) in page.value("merge-result")
 
+            # the clamp box reaches the merge: the same bytes as blockmerge merge --clamp
+            driver.find_element("css selector", "#clamp input[type=checkbox]").click()
+            time.sleep(0.5)
+            page.type_into("output-name", "ui-clamped.safetensors", enter=False)
+            driver.find_element("id", "merge-btn").click()
+            page.wait(lambda: (page.value("merge-status") or "").startswith(("wrote ui-clamped", "error", "internal")),
+                      300, "clamped merge")
+            assert page.value("merge-status").startswith("wrote ui-clamped.safetensors"), page.value("merge-status")
+            assert "--clamp" in page.value("merge-result")
+            cli_clamped = tmp_path / "cli-clamped.safetensors"
+            assert main(["merge", str(a), str(b), "-o", str(cli_clamped), "--param", f"alpha={spec}", "--clamp", "-q"]) == 0
+            assert (tmp_path / "out" / "ui-clamped.safetensors").read_bytes() == cli_clamped.read_bytes()
+
             # a sweep, cancelled while it runs: stopped, with only whole files left
             page.tab("Sweep")
             page.wait(lambda: page.js("return !!document.getElementById('sweep-btn')"))
