@@ -23,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def _driver():
+def _driver(capabilities: dict | None = None):
+    """Headless Debian Chromium (skips where it is not installed); ``capabilities`` are added to its options."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -39,6 +40,8 @@ def _driver():
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-dev-shm-usage", "--window-size=1600,1400"):
         opts.add_argument(flag)
+    for k, v in (capabilities or {}).items():
+        opts.set_capability(k, v)
     return webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
 
 

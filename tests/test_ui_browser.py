@@ -26,7 +26,7 @@ from blockmerge.cli import main
 from blockmerge.models import resolve_model
 from blockmerge.workbench import DEFAULT_PROMPT
 from blockmerge.workbench.settings import fmt_value
-from test_browser import CHROMIUM, DRIVER
+from test_browser import _driver as _browser_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
 
@@ -34,22 +34,8 @@ VALUES = [round(0.04 * i, 2) for i in range(25)]  # IN00 .. OUT11, distinct, exa
 
 
 def _driver():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium)")
-    for path, pkg in ((CHROMIUM, "chromium"), (DRIVER, "chromium-driver")):
-        if not os.access(path, os.X_OK):
-            pytest.skip(f"{path} not found: install the Debian package {pkg} (apt-get install -y {pkg})")
-    os.environ["SE_OFFLINE"] = "true"  # selenium-manager must never download a browser or driver
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--window-size=1600,1400"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    # every request the page makes is in the performance log (checked: none leaves the local server)
+    return _browser_driver({"goog:loggingPrefs": {"performance": "ALL", "browser": "ALL"}})
 
 
 class Page:
