@@ -423,6 +423,96 @@ def test_apply_is_byte_identical_across_runs_and_threads(sd1_lora, tmp_path) -> 
     assert [i["role"] for i in meta["inputs"]] == ["A", "LoRA1"]
 
 
+@pytest.mark.parametrize("family", ["SD1", "SD2", "SDXL", "FLUX"])
+def test_sliced_delta_equals_the_whole_delta(family, tmp_path) -> None:
+    """Every slice of a plain LoRA key's ΔW (the executor streams those) equals the same elements of
+    the whole ΔW: random slice bounds, fused q/k/v rows (OpenCLIP's in_proj, Flux's qkv) from several
+    modules, two namings on one key, ``dyn``; keys the slices cannot serve (DoRA, LoHa, Tucker
+    cores) are whole-tensor only."""
+    from blockmerge.lora.delta import LoraDelta
+    from blockmerge.merge.nodes import Scratch
+
+    model = write_synthetic(tmp_path / "m.safetensors", family, "tiny", seed=1, dtype=torch.float32)
+    arch, shapes = _shapes(model)
+    table = name_table(arch, shapes)
+    g = _g(5)
+    sd = synthetic_lora(arch, shapes, rank=4, seed=2, scale=0.5)
+    sd.update(synthetic_lora(arch, shapes, rank=3, seed=4, naming="peft"))  # a second module on many keys
+    # Flux/SD3-style split projections onto fused rows, where the family has them
+    split = [(n, t) for n, t in table.targets.items() if t.rows and n.startswith("transformer.")]
+    for name, t in split[:8]:
+        sd[name + ".lora_A.weight"] = torch.randn(2, t.shape[1], generator=g)
+        sd[name + ".lora_B.weight"] = torch.randn(t.shape[0], 2, generator=g)
+    path = tmp_path / "l.safetensors"
+    save_file(sd, str(path))
+    lf = open_lora(path)
+    try:
+        for dyn in (None, 2):
+            delta = LoraDelta(lf, table, shapes, dyn=dyn)
+            keys = [k for k in delta.keys() if delta.sliceable(k)]
+            assert len(keys) == len(delta.keys()) > 0  # plain LoRAs only: every key can be sliced
+            fused = [k for k in keys if any(m.target.rows for m in delta.modules_of(k))]
+            assert fused or family == "SD1"
+            scratch = Scratch()
+            for key in keys:
+                whole = delta.get(key).reshape(-1)
+                n = whole.numel()
+                cols = n // shapes[key][0]
+                inside = [cols + 1, cols + 3] if n > cols + 3 else []  # a slice within one row
+                cuts = sorted({0, n, *inside, *torch.randint(1, max(2, n), (3,), generator=g).tolist()})
+                for lo, hi in zip(cuts, cuts[1:], strict=False):
+                    if lo < hi:
+                        part = delta.get_range(key, lo, hi, scratch)
+                        assert part.shape == (hi - lo,)
+                        assert torch.allclose(part, whole[lo:hi], rtol=1e-5, atol=1e-6), (key, lo, hi, dyn)
+    finally:
+        lf.close()
+    # DoRA, LoHa and Tucker-core modules make whole-tensor keys
+    mod = next(n for n, t in sd.items() if n.startswith("lora_unet_") and n.endswith(".lora_down.weight")
+               and t.dim() == 2)[:-len(".lora_down.weight")]
+    odd = {k: v for k, v in sd.items() if k.startswith(mod + ".")}
+    up = odd[mod + ".lora_up.weight"]
+    variants = {
+        "dora": {**odd, mod + ".dora_scale": torch.ones(1, odd[mod + ".lora_down.weight"].shape[1])},
+        "loha": {mod + ".hada_w1_a": up[:, :2].contiguous(), mod + ".hada_w1_b": odd[mod + ".lora_down.weight"][:2].clone(),
+                 mod + ".hada_w2_a": up[:, 1:3].contiguous(), mod + ".hada_w2_b": odd[mod + ".lora_down.weight"][1:3].clone()},
+    }
+    for kind, tensors in variants.items():
+        p = tmp_path / f"{kind}.safetensors"
+        save_file(tensors, str(p))
+        lf = open_lora(p)
+        try:
+            d = LoraDelta(lf, table, shapes, base=FileSource(model))
+            assert [d.sliceable(k) for k in d.keys()] == [False], kind
+        finally:
+            lf.close()
+
+
+def test_apply_streams_lora_keys_in_slices_as_the_whole_tensor_path(sd1_lora, tmp_path, monkeypatch) -> None:
+    """With slices smaller than the tensors, ``lora apply`` writes what the whole-tensor path writes
+    (to fp32 rounding of one sum), for any thread count."""
+    import blockmerge.merge.executor as ex
+    from blockmerge.lora.delta import LoraDelta
+
+    model, lpath, _ = sd1_lora
+    monkeypatch.setattr(ex, "SLICE", 1000)
+    outs = {}
+    for threads in (1, 2):
+        outs[threads] = tmp_path / f"s{threads}.safetensors"
+        apply_loras(model, [LoraSpec(lpath, 0.7, 0.4, "1,0.5,1,0,1,1,0.3,1,1,1,1,1,1,1,1,1,1")], outs[threads],
+                    dtype="fp32", threads=threads)
+    monkeypatch.setattr(LoraDelta, "sliceable", lambda self, key: False)
+    whole = tmp_path / "w.safetensors"
+    apply_loras(model, [LoraSpec(lpath, 0.7, 0.4, "1,0.5,1,0,1,1,0.3,1,1,1,1,1,1,1,1,1,1")], whole,
+                dtype="fp32", threads=1)
+    assert outs[1].read_bytes() == outs[2].read_bytes()
+    s, w, a = load_file(str(outs[1])), load_file(str(whole)), load_file(str(model))
+    changed = [k for k in a if not torch.equal(w[k], a[k])]
+    assert len(changed) > 20
+    for k in a:
+        assert torch.allclose(s[k], w[k], rtol=1e-5, atol=1e-6), k
+
+
 def open_lora_meta(path: Path) -> dict[str, str]:
     from blockmerge.io import open_checkpoint
 
@@ -762,6 +852,48 @@ dtype = "fp32"
     again_dir.mkdir()
     (again,) = run_recipe(recipe_from_text(emb, tmp_path), output=again_dir / "out.safetensors")
     assert again.output.read_bytes() == out.output.read_bytes()
+
+
+def test_recipe_lora_steps_get_the_compute_bound_worker_default(sd1_lora, tiny_sd1_paths, tmp_path, monkeypatch) -> None:
+    """A recipe output whose chain bakes a LoRA asks for ``lora apply``'s worker default (its matmuls
+    are compute-bound); a plain merge recipe for the plain one. The bytes do not depend on it."""
+    import blockmerge.recipes.runner as runner
+    from blockmerge.merge.executor import default_workers
+    from blockmerge.recipes import recipe_from_text, run_recipe
+
+    asked: list[bool] = []
+
+    def spy(compute_bound: bool = False) -> int:
+        asked.append(compute_bound)
+        return default_workers(compute_bound)
+
+    monkeypatch.setattr(runner, "default_workers", spy)
+    model, lp, _ = sd1_lora
+    head = f'''version = 1
+[inputs]
+A = "{model}"
+B = "{tiny_sd1_paths[1]}"
+style = "{lp}"
+[[steps]]
+name = "mix"
+models = ["A", "B"]
+alpha = 0.3
+'''
+    lora_step = '''[[steps]]
+name = "styled"
+models = ["mix"]
+loras = [{ lora = "style", strength = 0.8 }]
+'''
+    outs = {}
+    for name, text in (("plain", head), ("lora", head + lora_step)):
+        step = "styled" if name == "lora" else "mix"
+        d = tmp_path / name
+        d.mkdir()
+        recipe = recipe_from_text(text + f'[[outputs]]\nstep = "{step}"\npath = "o.safetensors"\n', d)
+        (outs[name],) = run_recipe(recipe)
+        (again,) = run_recipe(recipe, output=d / "t1.safetensors", threads=1)
+        assert again.output.read_bytes() == outs[name].output.read_bytes()
+    assert asked == [False, True]
 
 
 @pytest.mark.parametrize("step,msg", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,32 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blockmerge.io import SafetensorsStreamWriter, atomic_write
-from blockmerge.io.atomic import EarlyWriteback, preallocate
+from blockmerge.io.atomic import EarlyWriteback, memory_backed, preallocate
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_all_finite_agrees_with_isfinite(dtype) -> None:
+    """The writer's finiteness check against ``isfinite().all()``: NaN, +inf and -inf at every kind of
+    position (first, last, inside the vectorised body, in the tail), tensors of odd lengths, empty."""
+    from blockmerge.merge.executor import all_finite
+
+    g = torch.Generator().manual_seed(1)
+    bad = [float("nan"), float("inf"), float("-inf")]
+    cases = [torch.zeros(0)]
+    for n in (1, 7, 64, 1000, 70_001):
+        cases.append(torch.randn(n, generator=g))
+        for v in bad:
+            for pos in {0, n - 1, n // 2, max(0, n - 3)}:
+                t = torch.randn(n, generator=g)
+                t[pos] = v
+                cases.append(t)
+    cases.append(torch.randn(300, 7, generator=g)[:, ::2])  # not contiguous
+    for t in cases:
+        x = t.to(dtype)  # float8 e4m3fn has no inf: +-inf become NaN there
+        expect = bool(torch.isfinite(x.float()).all())
+        assert all_finite(x) == expect, (dtype, t.numel())
+        assert all_finite(x.chunk(1)[0], chunk=5) == expect
 
 
 def _entries() -> list[tuple[str, torch.Tensor]]:
@@ -57,14 +83,45 @@ def test_stream_writer_refuses_to_finish_short(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # the preallocated temporary file is gone too
 
 
-def test_preallocate_sets_the_size_and_reserves_blocks(tmp_path) -> None:
-    p = tmp_path / "p.bin"
-    with open(p, "wb") as f:
-        preallocate(f, 3 << 20)
-    st = p.stat()
-    assert st.st_size == 3 << 20
-    if hasattr(os, "posix_fallocate"):
-        assert st.st_blocks * 512 >= 3 << 20  # blocks really reserved, not a sparse file
+def _fs_type(path) -> str:
+    """The filesystem type as coreutils' ``stat -f`` names it (an independent reference)."""
+    import subprocess
+
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mountinfo and tmpfs are Linux's")
+def test_preallocate_reserves_blocks_on_disk_and_nothing_on_tmpfs(tmp_path) -> None:
+    """On a disk the blocks are reserved up front; on tmpfs (where fallocate would zero every page
+    in memory before the writes) nothing is, and ``memory_backed`` tells the two apart as
+    ``stat -f`` does."""
+    folders = [tmp_path]
+    shm = tmp_path.parent / "shm-unused"
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        shm = Path("/dev/shm") / f"blockmerge-test-{os.getpid()}"
+        shm.mkdir()
+        folders.append(shm)
+    try:
+        seen = set()
+        for folder in folders:
+            p = folder / "p.bin"
+            with open(p, "wb") as f:
+                in_memory = memory_backed(f.fileno())
+                preallocate(f, 3 << 20)
+            assert in_memory == (_fs_type(folder) in ("tmpfs", "ramfs")), folder
+            seen.add(in_memory)
+            st = p.stat()
+            if in_memory:
+                assert st.st_size == 0  # nothing reserved, nothing zeroed
+            else:
+                assert st.st_size == 3 << 20
+                if hasattr(os, "posix_fallocate"):
+                    assert st.st_blocks * 512 >= 3 << 20  # blocks really reserved, not a sparse file
+            p.unlink()
+        assert True in seen or len(folders) == 1  # /dev/shm is tmpfs where it exists
+    finally:
+        if shm.exists():
+            shm.rmdir()
 
 
 def test_early_writeback_starts_every_chunk_and_keeps_the_bytes(tmp_path) -> None:

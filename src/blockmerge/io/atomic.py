@@ -646,8 +646,11 @@ def preallocate(f: BinaryIO, size: int) -> None:
     the same writes growing the file block by block; and a disk too small fails now, before any
     work, with the same "disk full" error. Filesystems that cannot preallocate are written as usual.
     The caller must then write exactly ``size`` bytes (the file is ``size`` long from here on).
+    Not on tmpfs/ramfs: there ``fallocate`` zeroes every page in memory before the writes fill
+    them again (2 GB: 0.6 s of fallocate and 2.3-5.1 s of writes, against 1.05 s of writes alone),
+    and a full tmpfs fails the write with the same "disk full" error.
     """
-    if not hasattr(os, "posix_fallocate") or size <= 0:
+    if not hasattr(os, "posix_fallocate") or size <= 0 or memory_backed(f.fileno()):
         return
     try:
         os.posix_fallocate(f.fileno(), 0, size)
@@ -655,6 +658,27 @@ def preallocate(f: BinaryIO, size: int) -> None:
         if e.errno in DISK_FULL:
             raise
         # EOPNOTSUPP / EINVAL (tmpfs of old kernels, network filesystems): nothing reserved, no harm.
+
+
+_MEMORY_FS = frozenset({"tmpfs", "ramfs"})
+
+
+def memory_backed(fd: int) -> bool:
+    """Whether the open file ``fd`` lives on a filesystem kept in memory (tmpfs, ramfs; Linux's
+    ``/proc/self/mountinfo``, matched by device number). False where that cannot be told."""
+    try:
+        dev = os.fstat(fd).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as m:
+            for line in m:
+                fields = line.split()
+                if len(fields) < 7 or " - " not in line:
+                    continue
+                major, _, minor = fields[2].partition(":")
+                if os.makedev(int(major), int(minor)) == dev:
+                    return line.split(" - ", 1)[1].split()[0] in _MEMORY_FS
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _sync_file_range():

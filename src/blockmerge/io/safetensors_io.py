@@ -74,7 +74,7 @@ class TensorInfo:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # a property of the dtype: no tensor made per call (once per slice read and written)
 
 
 class HeaderError(ValueError):
@@ -90,11 +90,13 @@ def _reject_constant(name: str) -> None:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise HeaderError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise HeaderError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -104,8 +106,11 @@ def _check_text(obj: object, depth: int = 0) -> None:
     if isinstance(obj, dict | list) and depth >= _MAX_DEPTH - 1:  # serde counts the 128th container as too deep
         raise HeaderError(f"JSON nested {_MAX_DEPTH} levels deep or more")
     if isinstance(obj, str):
-        if any("\ud800" <= c <= "\udfff" for c in obj):
-            raise HeaderError(f"invalid Unicode (a lone surrogate escape) in {obj[:40]!r}")
+        if not obj.isascii():  # only then can it hold a surrogate, which strict UTF-8 cannot encode
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HeaderError(f"invalid Unicode (a lone surrogate escape) in {obj[:40]!r}") from None
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_text(k, depth + 1)

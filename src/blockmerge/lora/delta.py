@@ -16,8 +16,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..merge.declare import DELTA
-from ..merge.nodes import Info
-from .formats import LoraFile, LoraModule, apply_dora, module_delta
+from ..merge.nodes import Info, Scratch
+from .formats import LoraFile, LoraModule, apply_dora, lora_factors, module_delta
 from .names import NameTable, Target
 
 __all__ = ["LoraDelta", "Matched", "match_modules", "module_shape"]
@@ -161,7 +161,53 @@ class LoraDelta:
         return Info(torch.float32, self._shapes[key])
 
     def sliceable(self, key: str) -> bool:
-        return False  # a module's ΔW is a product of whole factors
+        """Keys whose every module is a plain LoRA (``up @ down``, no Tucker core, no DoRA, stored
+        untransposed): any rows of their ΔW are a product of those rows of ``up`` with ``down``.
+
+        Why: computed whole, SD1.5's rank-128 attention deltas cost a fresh float32 tensor each (plus
+        its copy and sum), and on a CPU the first touch of fresh pages cost more than the matmul;
+        sliced, the executor streams them through the same reused buffers as every other tensor,
+        and both workers share one large tensor's rows."""
+        memo = self.__dict__.setdefault("_sliceable_memo", {})
+        if key not in memo:
+            mods = self._by_key[key]
+            memo[key] = all(not mt.bias and mt.module.kind == "lora" and "mid" not in mt.module.keys
+                            and not mt.module.dora and not mt.target.transpose for mt in mods)
+        return memo[key]
+
+    def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
+        """Elements ``lo:hi`` of the flattened ΔW of a :meth:`sliceable` key, computed into ``scratch``."""
+        out = scratch.get(("lora", id(self)), hi - lo, torch.float32)
+        out.zero_()
+        self.add_range_into(key, lo, hi, out, 1.0, scratch)
+        return out
+
+    def add_range_into(self, key: str, lo: int, hi: int, out: torch.Tensor, alpha: float, scratch: Scratch) -> None:
+        """``out += alpha · ΔW.flatten()[lo:hi]`` for a :meth:`sliceable` key, without making ΔW:
+        per module, ``addmm`` of the ``up`` rows whose output rows lie wholly in the range, and one
+        row product for a row the range cuts at either end (fused q/k/v rows placed)."""
+        cols = _numel(self._shapes[key][1:])
+        first, last = -(-lo // cols), hi // cols  # the rows wholly inside [lo, hi)
+        for mt in self._by_key[key]:
+            up, down, scale = self._factors(mt, out.dtype)
+            a_ = alpha * scale
+            start = 0  # where this row range begins in the module's own ΔW
+            for a, b in mt.target.rows or ((0, self._shapes[key][0]),):
+                x0, x1 = max(a, first), min(b, last)
+                if x0 < x1:
+                    out[x0 * cols - lo:x1 * cols - lo].view(x1 - x0, cols).addmm_(
+                        up[start + x0 - a:start + x1 - a], down, alpha=a_)
+                for r in {lo // cols, (hi - 1) // cols}:  # rows cut by the range's ends
+                    if a <= r < b and not (first <= r < last):
+                        c0, c1 = max(lo, r * cols), min(hi, (r + 1) * cols)
+                        row = scratch.get(("lora-row", id(self)), cols, out.dtype).view(1, cols)
+                        torch.mm(up[start + r - a:start + r - a + 1], down, out=row)
+                        out[c0 - lo:c1 - lo].add_(row.view(-1)[c0 - r * cols:c1 - r * cols], alpha=a_)
+                start += b - a
+
+    def _factors(self, mt: Matched, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        up, down, scale = lora_factors(self.lora.tensors(mt.module), self.dyn)
+        return up.to(dtype), down.to(dtype), scale
 
     def modules_of(self, key: str) -> list[Matched]:
         return list(self._by_key.get(key, ()))

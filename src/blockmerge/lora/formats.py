@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["LoraFile", "LoraModule", "apply_dora", "group_modules", "module_delta", "open_lora"]
+__all__ = ["LoraFile", "LoraModule", "apply_dora", "group_modules", "lora_factors", "module_delta", "open_lora"]
 
 # Key suffix -> role. Longest suffixes are tried first (``lora_down.weight`` before ``weight``).
 _ROLES: dict[str, str] = {
@@ -129,6 +129,17 @@ def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Ten
     return torch.einsum("ijkl,ir->rjkl", temp, wa)
 
 
+def lora_factors(t: Mapping[str, torch.Tensor], dyn: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A plain LoRA module's (no Tucker core) ``up`` and ``down`` as 2-D float32 (float64 if a
+    factor is) matrices, ``dyn`` ranks kept, and its scale: ΔW = scale · up @ down, flattened."""
+    up, down = _float(t["up"]), _float(t["down"])
+    rank = down.shape[0]
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
+    if dyn is not None:
+        up2, down2 = up2[:, :dyn], down2[:dyn]
+    return up2, down2, _scale(t, rank)
+
+
 def module_delta(kind: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...], *, name: str = "",
                  dyn: int | None = None) -> torch.Tensor:
     """ΔW of one module, already times its scale (``alpha / rank``), shaped ``shape`` (the module's
@@ -138,16 +149,14 @@ def module_delta(kind: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...
     LoRA (A1111's ``<lora:name:1:1:dyn>``).
     """
     t = {k: _float(v) for k, v in t.items()}
-    if kind == "lora":
+    if kind == "lora" and "mid" not in t:
+        up2, down2, scale = lora_factors(t, dyn)
+        delta = up2 @ down2
+    elif kind == "lora":
         up, down = t["up"], t["down"]
         rank = down.shape[0]
         up2, down2 = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
-        if dyn is not None and "mid" not in t:
-            up2, down2 = up2[:, :dyn], down2[:dyn]
-        if "mid" in t:
-            delta = torch.einsum("nmkl,in,mj->ijkl", t["mid"], up2, down2)
-        else:
-            delta = up2 @ down2
+        delta = torch.einsum("nmkl,in,mj->ijkl", t["mid"], up2, down2)
         scale = _scale(t, rank)
     elif kind == "loha":
         w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]

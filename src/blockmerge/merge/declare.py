@@ -19,7 +19,9 @@ The decorator's arguments say what the signature cannot: the formula for the doc
 method is elementwise (the executor may then compute it slice by slice of the flat tensor;
 otherwise it always sees whole tensors), the parameter values that reproduce the first operand
 exactly (``identity``: the executor copies instead of computing, and readable weight specs fill
-unnamed blocks with them), where the definition comes from, and optional model-wide statistics.
+unnamed blocks with them), where the definition comes from, optional model-wide statistics, and
+``adds`` for ``A + α·D`` methods (a delta that can add itself into a buffer is then never
+materialised).
 
 Why this shape (it follows mergekit's ``@merge_method`` and sd-mecha's typed parameters and merge
 spaces): the CLI, recipes, sweeps, in-place edits, metadata, ``blockmerge methods`` and the UI all
@@ -202,6 +204,10 @@ class MergeMethod:
     # that add a difference (B - C) to A clip to A and B, as sd-meh's weights_clip and sd-mecha's
     # clamp_to_ab do: C only enters through the difference.
     clamp_to: tuple[str, ...] = ()
+    # ``(operand, parameter)`` when the result is the first operand plus that parameter times that
+    # (delta) operand and nothing else: a delta that can add a multiple of itself into a buffer
+    # (a LoRA: ``addmm`` of its factors) is then summed into A's copy without being materialised.
+    adds: tuple[str, str] | None = None
 
     # --- operands ---------------------------------------------------------------------------
     @property
@@ -420,6 +426,7 @@ def merge_method(
     min_variadic: int = 1,
     constraint: Callable[[Mapping[str, Value]], str | None] | None = None,
     clamp_to: Sequence[str] = (),
+    adds: tuple[str, str] | None = None,
     name: str | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Declare a merge method from a kernel function (see the module docstring) and register it."""
@@ -462,6 +469,9 @@ def merge_method(
         for c in clamp_to:
             if not any(o.name == c for o in operands):
                 raise TypeError(f"merge method {mname}: clamp_to names unknown operand {c!r}")
+        if adds is not None and (len(operands) != 2 or operands[1].name != adds[0] or operands[1].space != DELTA
+                                 or not any(q.name == adds[1] for q in params)):
+            raise TypeError(f"merge method {mname}: adds={adds!r} must name its second operand (a Delta) and a parameter")
         for q in params:
             if q.requires and not any(o.name == q.requires and o.optional for o in operands):
                 raise TypeError(f"merge method {mname}: {q.name} requires unknown optional operand {q.requires!r}")
@@ -470,7 +480,7 @@ def merge_method(
             elementwise=elementwise, kernel=fn, identity=MappingProxyType(dict(identity or {})),
             a1111_name=a1111 or mname, summary=(inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " "),
             source=source, statistics=statistics, min_variadic=min_variadic, wants_ctx=wants_ctx,
-            constraint=constraint, clamp_to=tuple(clamp_to),
+            constraint=constraint, clamp_to=tuple(clamp_to), adds=adds,
         )
         if mname in _REGISTRY:
             raise TypeError(f"merge method {mname!r} is declared twice")

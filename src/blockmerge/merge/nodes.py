@@ -47,6 +47,17 @@ class Scratch:
     def __init__(self, min_numel: int = 0) -> None:
         self._bufs: dict[object, torch.Tensor] = {}
         self.min_numel = min_numel
+        # Where the executor will store the task's result (its output buffer): a file source whose
+        # read is the result as it is (a copied tensor) reads straight into it, one copy fewer.
+        self.dest: torch.Tensor | None = None
+
+    def take_dest(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The result buffer, once per task, when it has this size and dtype; else None."""
+        d = self.dest
+        if d is None or d.numel() != numel or d.dtype != dtype:
+            return None
+        self.dest = None
+        return d
 
     def get(self, name: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
         t = self._bufs.get(name)
@@ -130,7 +141,10 @@ class FileSource:
 
     def get_range(self, key: str, lo: int, hi: int, scratch: Scratch) -> torch.Tensor:
         real = self._real.get(key, key)
-        buf = scratch.get(("read", id(self)), hi - lo, self.reader.info(real).dtype)
+        dtype = self.reader.info(real).dtype
+        buf = scratch.take_dest(hi - lo, dtype)
+        if buf is None:
+            buf = scratch.get(("read", id(self)), hi - lo, dtype)
         return self.reader.read_range(real, lo, hi, buf)
 
     def close(self) -> None:
@@ -424,6 +438,14 @@ class MergeNode:
         if self._plan[key] == "copy" or self._identity(key):
             return a.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
         ct = self.info(key).dtype
+        values = self.values(key)
+        adds = self.method.adds
+        if adds is not None and not self.clamp and hasattr(self.operands[1], "add_range_into"):
+            # A + α·D with a delta that adds itself (a LoRA's addmm): D is never materialised.
+            out = scratch.get(("op", id(self), 0), hi - lo, ct)
+            out.copy_(a.get_range(key, lo, hi, scratch))  # type: ignore[attr-defined]
+            self.operands[1].add_range_into(key, lo, hi, out, float(values[adds[1]]), scratch)  # type: ignore[attr-defined]
+            return out
         ins = []
         for i, op in enumerate(self.operands):
             raw = op.get_range(key, lo, hi, scratch)  # type: ignore[attr-defined]
@@ -432,7 +454,7 @@ class MergeNode:
             buf = scratch.get(("op", id(self), i), hi - lo, ct)
             buf.copy_(raw)
             ins.append(buf)
-        return self._compute(key, ins, self.values(key))
+        return self._compute(key, ins, values)
 
     def get(self, key: str) -> torch.Tensor:
         plan = self._plan[key]

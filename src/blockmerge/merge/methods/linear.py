@@ -85,7 +85,8 @@ def difference(a: Model, b: Model) -> Delta:
     return a.sub_(b)
 
 
-@merge_method(formula="A + α·D", elementwise=True, identity={"alpha": 0.0}, source="sd-mecha add_difference on a delta")
+@merge_method(formula="A + α·D", elementwise=True, identity={"alpha": 0.0}, source="sd-mecha add_difference on a delta",
+              adds=("d", "alpha"))
 def add_delta(a: Model, d: Delta, *, alpha: float = Param(1.0, "factor of the delta D added to A")) -> Model:
     """Add a saved task vector (a delta file) to a model."""
     return d.mul_(alpha).add_(a)
