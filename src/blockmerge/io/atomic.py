@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
 import re
 import stat
-import sys
 import threading
 import time
 import warnings
@@ -44,6 +42,7 @@ from typing import Any, BinaryIO
 
 from ..errors import BlockmergeError, BlockmergeWarning
 from .inputs import file_kind, read_by_command
+from .libc import get_errno, libc_function
 
 try:
     import fcntl
@@ -506,19 +505,7 @@ def _link_noreplace(tmp: Path, target: Path, where: str) -> None:
     os.unlink(tmp)
 
 
-def _renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _renameat2()
+_RENAMEAT2 = libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -529,7 +516,7 @@ def _rename_noreplace(tmp: Path, target: Path) -> bool:
         return False
     if _RENAMEAT2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
         return True
-    err = ctypes.get_errno()
+    err = get_errno()
     if err == errno.EEXIST:
         raise FileExistsError(errno.EEXIST, os.strerror(err), str(target))
     return False
@@ -681,19 +668,7 @@ def memory_backed(fd: int) -> bool:
     return False
 
 
-def _sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2
 
 

@@ -118,14 +118,10 @@ def release_free_memory() -> None:
     """
     global _trim
     if _trim is None:
-        _trim = False
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-            import ctypes.util
+        import ctypes
 
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-            fn.argtypes = [ctypes.c_size_t]
-            fn.restype = ctypes.c_int
-            _trim = fn
+        from .libc import libc_function
+
+        _trim = libc_function("malloc_trim", [ctypes.c_size_t]) or False
     if _trim:
         _trim(0)  # type: ignore[operator]
