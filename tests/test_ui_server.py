@@ -100,9 +100,13 @@ def test_bad_weights_text_is_one_line_error(server, client) -> None:
 def test_model_and_folder_names_from_the_page_are_refused(server, client) -> None:
     _, tmp, _, _ = server
     # a sweep folder is a free text box: our policy answers
-    status = _status(client.predict("tiny-a", "tiny-b", True, "0.5", False, False, "", "(none)", "IN00",
+    status = _status(client.predict("tiny-a", "tiny-b", True, "0.5", False, False, "", "(none)", "IN00", "", False,
                                     "a red circle", "1", "../outside/sweep", False, api_name="/sweep"))
     assert status.startswith("error: sweep folder '../outside/sweep'"), status
+    # the custom variants' other parameters are read as sweep --param reads them
+    status = _status(client.predict("tiny-a", "tiny-b", False, "0.5", False, False, "t=1", "ties", "IN00", "k", True,
+                                    "a red circle", "1", "sweep", False, api_name="/sweep"))
+    assert status.startswith("error: parameters 'k': expected NAME=SPEC"), status
     assert sorted(p.name for p in (tmp / "outside").iterdir()) == ["secret.txt"]
     # model names come from dropdowns: a name that is not offered never reaches a file
     for bad in ("../outside/secret.txt", "/etc/passwd"):

@@ -256,6 +256,31 @@ def test_sweep_cancel_keeps_finished_images_and_resumes(wb) -> None:
         wb.sweep("tiny-a", "../sw", PROMPT, "1", scale=[0.5])
 
 
+def test_sweep_custom_variants_take_parameters_and_clamp_as_the_cli(wb) -> None:
+    """The sweep tab's "other parameters" and "clamp" reach the custom variants, as ``sweep --param``
+    and ``--clamp`` do: recorded per variant, and a clamped α = 2 extrapolation draws B (α = 1)."""
+    import json
+
+    from PIL import Image
+
+    prompt = "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 5, Size: 32x32"
+    r = wb.sweep("tiny-a", "swp", prompt, "1", donor="tiny-b", custom=[("free", "2"), ("one", "1"), ("t", "1")],
+                 method="ties", params={"k": "0.5"}, clamp=True, blocks="IN00")
+    res = json.loads((r.folder / "sweep.json").read_text())
+    got = {v["id"]: v["params"] for v in res["variants"]}
+    assert got["custom:free"]["clamp"] == "1" and got["custom:free"]["method"] == "ties"
+    assert got["custom:t"]["k"].split(",")[0] == "0.5"
+
+    def image(vid: str) -> np.ndarray:
+        (p,) = [p for p in r.folder.rglob("*.png") if vid.replace(":", "_") in str(p) or vid in str(p)]
+        return np.asarray(Image.open(p), dtype=np.int16)
+
+    assert np.abs(image("custom:free") - image("custom:one")).max() <= 1
+    with pytest.raises(BlockmergeError, match="parameter"):
+        wb.sweep("tiny-a", "swq", prompt, "1", donor="tiny-b", custom=[("x", "1")], method="ties",
+                 params={"nope": "1"})
+
+
 def test_history_reloads_and_runs_as_a_recipe(wb) -> None:
     from safetensors.torch import load_file
 

@@ -216,6 +216,11 @@ def build_app(wb: Workbench) -> Any:
                     sw_method = gr.Dropdown([NONE, *methods], value=NONE, label="method of the custom variants")
                     sw_blocks = gr.Textbox("", label="blocks (default all; e.g. IN04-IN08,M00)", elem_id="sweep-blocks")
                 with gr.Row():
+                    sw_params = gr.Textbox("", lines=1, label="other parameters of that method, one NAME=SPEC a line "
+                                           "(e.g. k=0.3)", elem_id="sweep-params")
+                    sw_clamp = gr.Checkbox(False, label="clamp the custom variants to the models' range",
+                                           elem_id="sweep-clamp")
+                with gr.Row():
                     sw_prompt = gr.Textbox(DEFAULT_PROMPT, lines=3, label="prompt (A1111 infotext)",
                                            elem_id="sweep-prompt")
                     sw_seeds = gr.Textbox("1-4", label="seeds", elem_id="sweep-seeds")
@@ -476,9 +481,11 @@ def build_app(wb: Workbench) -> Any:
         # ---------------------------------------------------------------- sweep
         @_guarded(sweep_status)
         def do_sweep(a: str, b: str, scale: bool, k: str, byp: bool, swp: bool, custom: str, meth: str,
-                     blocks: str, text: str, seed_text: str, folder: str, ow: bool,
+                     blocks: str, params: str, clamp: bool, text: str, seed_text: str, folder: str, ow: bool,
                      progress: Any = progress_marker) -> dict:
             from urllib.parse import quote
+
+            from ..merge.params import parse_param_args
 
             ks: list[float] = []
             if scale:
@@ -501,7 +508,9 @@ def build_app(wb: Workbench) -> Any:
             with wb.jobs.run("sweep", job_progress(progress)) as job:
                 r = wb.sweep(a, folder, text, seed_text, donor=donor, scale=ks, bypass=byp, swap=swp,
                              custom=customs, method=None if meth == NONE else meth, blocks=blocks or None,
-                             overwrite=ow, job=job)
+                             params=parse_param_args([ln.strip() for ln in (params or "").splitlines() if ln.strip()],
+                                                     "parameters"),
+                             clamp=bool(clamp), overwrite=ow, job=job)
             url = "/outputs/" + quote(r.name) + "/"
             frame = (f'<p><a href="{html.escape(url)}index.html" target="_blank" id="sweep-report-link">open the '
                      f'report</a> · <a href="{html.escape(url)}?list" target="_blank" id="sweep-folder-link">the '
@@ -512,7 +521,7 @@ def build_app(wb: Workbench) -> Any:
                     sweep_status: f"{r.images} images in {r.name} ({r.made} made, {r.reused} reused)"}
 
         sweep_btn.click(do_sweep, [pick_a, pick_b, sw_scale, sw_k, sw_bypass, sw_swap, sw_custom, sw_method,
-                                   sw_blocks, sw_prompt, sw_seeds, sw_folder, sw_overwrite],
+                                   sw_blocks, sw_params, sw_clamp, sw_prompt, sw_seeds, sw_folder, sw_overwrite],
                         [sweep_report, sweep_status], concurrency_id="job", concurrency_limit=1, api_name="sweep")
 
         # ---------------------------------------------------------------- compare

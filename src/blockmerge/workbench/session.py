@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,9 +211,11 @@ class Workbench:
     def sweep(self, model: str, folder: str, prompt: str, seeds: str | Sequence[int], *,
               donor: str | None = None, scale: Sequence[float] = (), bypass: bool = False, swap: bool = False,
               custom: Sequence[tuple[str, str]] = (), method: str | None = None, blocks: str | None = None,
+              params: Mapping[str, str] | None = None, clamp: bool = False,
               overwrite: bool = False, job: Job | None = None) -> SweepOutcome:
         """A sweep into ``folder`` (inside the output folder) and its U-shaped report, on the pipelines
-        the previews keep loaded. A cancelled sweep keeps its finished images; rerunning resumes."""
+        the previews keep loaded. A cancelled sweep keeps its finished images; rerunning resumes.
+        ``params`` (name -> spec) and ``clamp`` go to the custom variants, as ``sweep --param``/``--clamp``."""
         from ..experiments.report import write_report
         from ..experiments.sweep import parse_blocks, plan_variants, run_sweep
 
@@ -240,7 +242,8 @@ class Workbench:
                                       f"{model!r} is {arch.title}")
         chosen = parse_blocks(blocks or None, arch)
         variants = plan_variants(arch, chosen, scale=scale, bypass=bypass, swap_donor=dname if swap else None,
-                                 custom=custom, method=method, donors=list(donors), presets=self.presets)
+                                 custom=custom, method=method, params=params, donors=list(donors),
+                                 presets=self.presets, clamp=clamp)
         from ..io import input_guard
 
         with input_guard():
