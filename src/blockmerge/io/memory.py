@@ -13,9 +13,12 @@ reclaimable caches), the cgroup v2 memory limit of the process's group (``memory
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 from pathlib import Path
+
+from .libc import libc_function
 
 
 def _meminfo_available() -> int | None:
@@ -118,10 +121,6 @@ def release_free_memory() -> None:
     """
     global _trim
     if _trim is None:
-        import ctypes
-
-        from .libc import libc_function
-
         _trim = libc_function("malloc_trim", [ctypes.c_size_t]) or False
     if _trim:
         _trim(0)  # type: ignore[operator]

@@ -134,8 +134,10 @@ def apply_loras(
             return build_metadata(record, inputs, a1111_method="LoRA", multiplier=loras[0].unet, half=dtype == "fp16",
                                   a1111_roles=("A", None, None))
 
+        if threads is None:  # the LoRA products are compute-bound: every core, at most 2
+            threads = default_workers(compute_bound=True)
         written, final = write_hashed(node, out, paths, meta, dtype=dtype, fmt=fmt, progress=progress,
-                                      threads=threads if threads is not None else default_workers(compute_bound=True), allow_non_finite=allow_non_finite, report=report,
+                                      threads=threads, allow_non_finite=allow_non_finite, report=report,
                                       overwrite=overwrite)
         warnings.extend(report.warnings)
         return ApplyResult(out, src.arch.name, records, len(node.keys()), written, warnings, final)

@@ -40,7 +40,17 @@ from ..io import output_dtype as output_dtype
 from ..io.memory import release_free_memory
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
-from .nodes import FileSource, MergeNode, MergeReport, OverlayNode, Scratch, Source, is_weight, vae_prefix
+from .nodes import (
+    TRIM_AT,
+    FileSource,
+    MergeNode,
+    MergeReport,
+    OverlayNode,
+    Scratch,
+    Source,
+    is_weight,
+    vae_prefix,
+)
 from .params import merged_params, resolve_params
 from .presets import PresetBook, load_presets
 from .weights import BlockWeights
@@ -56,7 +66,6 @@ SLICE = 1 << 22  # elements per slice: 8 MiB of fp16, 16 MiB of float32 scratch 
 # memory stays within 1.5x of computing the largest tensor alone, whatever the thread count; the
 # many small tensors still run in parallel.
 WHOLE_BUDGET = 1.5
-TRIM_AT = 1 << 20  # elements: after whole tensors this large, freed pages go back to the system
 
 
 def output_format(path: Path, fmt: str | None) -> str:

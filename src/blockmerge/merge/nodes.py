@@ -27,7 +27,7 @@ from .params import check_rules, values_for
 from .weights import BlockWeights
 
 VAE_PREFIX = "first_stage_model."
-TRIM_AT = 1 << 20  # elements: the statistics pass returns freed pages after tensors this large
+TRIM_AT = 1 << 20  # elements: after tensors this large (a whole-tensor task, a statistics read) freed pages go back
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
