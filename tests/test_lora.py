@@ -516,6 +516,39 @@ def test_apply_streams_lora_keys_in_slices_as_the_whole_tensor_path(sd1_lora, tm
         assert torch.allclose(s[k], w[k], rtol=1e-5, atol=1e-6), k
 
 
+def test_apply_adds_the_lora_into_a_without_making_its_delta(sd1_lora, tmp_path, monkeypatch) -> None:
+    """``add_delta`` declares ``adds``: a sliceable LoRA key is summed into A's copy by
+    ``add_range_into`` and ΔW is never made (neither whole nor per slice). The same file as before."""
+    from blockmerge.lora.delta import LoraDelta
+
+    model, lpath, _ = sd1_lora
+    ref = tmp_path / "ref.safetensors"
+    apply_loras(model, [LoraSpec(lpath, 0.7, 0.4)], ref, dtype="fp32")
+    calls = []
+    real = LoraDelta.add_range_into
+
+    def spy(self, *a, **k):
+        calls.append(a[0])
+        return real(self, *a, **k)
+
+    def made(self, *a, **k):
+        raise AssertionError("ΔW was made")
+
+    monkeypatch.setattr(LoraDelta, "add_range_into", spy)
+    monkeypatch.setattr(LoraDelta, "get_range", made)
+    lf = open_lora(lpath)
+    try:
+        _, shapes = _shapes(model)
+        touched = set(LoraDelta(lf, name_table(SD1, shapes), shapes).keys())
+    finally:
+        lf.close()
+    monkeypatch.setattr(LoraDelta, "get", made)  # every module of this LoRA is plain: no key goes whole
+    out = tmp_path / "fused.safetensors"
+    apply_loras(model, [LoraSpec(lpath, 0.7, 0.4)], out, dtype="fp32")
+    assert out.read_bytes() == ref.read_bytes()
+    assert set(calls) == touched and len(touched) > 20
+
+
 def open_lora_meta(path: Path) -> dict[str, str]:
     from blockmerge.io import open_checkpoint
 

@@ -315,6 +315,33 @@ def test_slicing_does_not_change_a_byte(tiny_sd1_paths, tmp_path, monkeypatch):
     assert outs[("whole", "add_difference")] == outs[("sliced", "add_difference")]
 
 
+def test_a_copied_slice_is_read_straight_into_the_output_buffer(tiny_sd1_paths):
+    """The executor hands a task's output buffer to the sources (``Scratch.dest``): a file read that is
+    the result as it is lands there, once per task; a second read of the task gets its own buffer."""
+    from blockmerge.merge.nodes import FileSource, Scratch
+
+    src = FileSource(tiny_sd1_paths[0])
+    try:
+        key = next(k for k in src.keys() if src.info(k).dtype.is_floating_point and len(src.info(k).shape) == 4)
+        dt = src.info(key).dtype
+        other = torch.float32 if dt != torch.float32 else torch.float16
+        n = 1
+        for d in src.info(key).shape:
+            n *= d
+        scratch = Scratch(64)
+        dest = torch.empty(n, dtype=dt)
+        scratch.dest = dest[: n - 3]
+        first = src.get_range(key, 3, n, scratch)
+        assert first.data_ptr() == dest.data_ptr() and scratch.dest is None
+        second = src.get_range(key, 3, n, scratch)
+        assert second.data_ptr() != dest.data_ptr() and torch.equal(first, second)
+        assert torch.equal(first, src.get(key).reshape(-1)[3:])
+        scratch.dest = torch.empty(n - 3, dtype=other)  # another dtype: not the result as it is
+        assert src.get_range(key, 3, n, scratch).data_ptr() != scratch.dest.data_ptr()
+    finally:
+        src.close()
+
+
 @pytest.mark.parametrize("cores,plain,compute", [(1, 1, 1), (2, 1, 2), (3, 2, 2), (16, 2, 2)])
 def test_default_workers_leave_a_core_to_the_writer_unless_compute_bound(monkeypatch, cores, plain, compute):
     """Plain merges: cores - 1 workers (the main thread writes and a thread hashes), at most 2;

@@ -21,7 +21,7 @@ from blockmerge.errors import BlockmergeError
 from blockmerge.experiments.inplace import InPlaceModel, MergeEdit
 from blockmerge.experiments.sweep import custom_variant
 from blockmerge.generation.loader import load_pipeline
-from blockmerge.merge import Model, Param, merge, merge_method, resolve_params
+from blockmerge.merge import Delta, Model, Param, merge, merge_method, resolve_params
 from blockmerge.merge.declare import unregister
 from blockmerge.merge.methods import METHODS
 from blockmerge.recipes import recipe_from_text, run_recipe
@@ -57,6 +57,29 @@ def toy_method():
 
     yield toy_gain
     unregister("toy_gain")
+
+
+def test_adds_must_name_the_delta_operand_and_a_parameter() -> None:
+    """``adds`` lets the executor sum a delta into A without making it, so a declaration that does not
+    say exactly "A + param·delta" is refused when the method is declared."""
+
+    def two(a: Model, d: Delta, *, alpha: float = Param(1.0, "x")) -> Model:
+        return a
+
+    def model_d(a: Model, d: Model, *, alpha: float = Param(1.0, "x")) -> Model:
+        return a
+
+    def three(a: Model, d: Delta, e: Delta, *, alpha: float = Param(1.0, "x")) -> Model:
+        return a
+
+    for fn, adds in ((two, ("x", "alpha")),  # not the second operand's name
+                     (model_d, ("d", "alpha")),  # the second operand is no delta
+                     (two, ("d", "beta")),  # no such parameter
+                     (three, ("d", "alpha"))):  # more than A and the delta
+        with pytest.raises(TypeError, match="adds="):
+            merge_method(formula="A + α·D", elementwise=True, source="this test", adds=adds)(fn)
+        assert fn.__name__ not in METHODS
+    assert METHODS["add_delta"].adds == ("d", "alpha")
 
 
 def test_adding_a_method_is_one_declaration(toy_method, tiny_sd1_paths, tmp_path: Path, capsys) -> None:
