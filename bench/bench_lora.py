@@ -209,7 +209,6 @@ def _run(args: list[str], out: Path, cache: Path | None = None) -> common.Measur
     """One child run; ``cache``: a hash cache to use as it is, else an empty one."""
     if out.exists():
         out.unlink()
-        time.sleep(8.0)  # see the apply loop: no contender starts on memory freed just before it
     if cache is None:
         cache = out.parent / "hash-cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -282,6 +281,9 @@ def main() -> None:
     ]
     if not in_memory:
         contenders.append(("apply-load-everything+fsync", "apply_le_fsync.safetensors", [str(mapping), "fsync"], None))
+    for _, fname, _, _ in contenders:  # a previous invocation's outputs (--out-dir): gone before the settle
+        (out_dir / fname).unlink(missing_ok=True)
+    time.sleep(a.settle)  # the disk-speed probe just freed 512 MB of page cache
     try:
         for rep in range(a.repeat):  # interleaved: A B C A B C, so load drifts hit all alike
             for name, fname, extra, cache in contenders:
