@@ -842,6 +842,16 @@ def test_baked_and_merged_files_keep_model_as_modelspec(tmp_path) -> None:
         assert load_pipeline(out, device="cpu").resolution == 64
 
 
+def _mix_recipe(model: Path, b: Path, lora: Path, loras: str | None = None) -> str:
+    """A recipe's inputs (A, B, the LoRA as ``style``) and step ``mix`` (A and B at 0.3), then, given
+    ``loras`` (one inline table), step ``styled``: the LoRA baked into ``mix``. Outputs are the caller's."""
+    text = (f'version = 1\n[inputs]\nA = "{model}"\nB = "{b}"\nstyle = "{lora}"\n'
+            '[[steps]]\nname = "mix"\nmodels = ["A", "B"]\nalpha = 0.3\n')
+    if loras is not None:
+        text += f'[[steps]]\nname = "styled"\nmodels = ["mix"]\nloras = [{loras}]\n'
+    return text
+
+
 def test_recipe_lora_step_bakes_as_lora_apply_and_round_trips(sd1_lora, tiny_sd1_paths, tmp_path) -> None:
     import tomllib
 
@@ -849,24 +859,8 @@ def test_recipe_lora_step_bakes_as_lora_apply_and_round_trips(sd1_lora, tiny_sd1
 
     model, lp, _ = sd1_lora
     b = tiny_sd1_paths[1]
-    text = f"""version = 1
-[inputs]
-A = "{model}"
-B = "{b}"
-style = "{lp}"
-[[steps]]
-name = "mix"
-models = ["A", "B"]
-alpha = 0.3
-[[steps]]
-name = "styled"
-models = ["mix"]
-loras = [{{ lora = "style", strength = 0.8, te = 0.5, blocks = "OUTD" }}]
-[[outputs]]
-step = "styled"
-path = "out.safetensors"
-dtype = "fp32"
-"""
+    text = _mix_recipe(model, b, lp, '{ lora = "style", strength = 0.8, te = 0.5, blocks = "OUTD" }') + (
+        '[[outputs]]\nstep = "styled"\npath = "out.safetensors"\ndtype = "fp32"\n')
     (out,) = run_recipe(recipe_from_text(text, tmp_path))
     # the same as merging to a file and baking the LoRA into it
     mixed = tmp_path / "mix.safetensors"
@@ -905,23 +899,9 @@ def test_recipe_lora_steps_get_the_compute_bound_worker_default(sd1_lora, tiny_s
 
     monkeypatch.setattr(runner, "default_workers", spy)
     model, lp, _ = sd1_lora
-    head = f'''version = 1
-[inputs]
-A = "{model}"
-B = "{tiny_sd1_paths[1]}"
-style = "{lp}"
-[[steps]]
-name = "mix"
-models = ["A", "B"]
-alpha = 0.3
-'''
-    lora_step = '''[[steps]]
-name = "styled"
-models = ["mix"]
-loras = [{ lora = "style", strength = 0.8 }]
-'''
     outs = {}
-    for name, text in (("plain", head), ("lora", head + lora_step)):
+    for name, text in (("plain", _mix_recipe(model, tiny_sd1_paths[1], lp)),
+                       ("lora", _mix_recipe(model, tiny_sd1_paths[1], lp, '{ lora = "style", strength = 0.8 }'))):
         step = "styled" if name == "lora" else "mix"
         d = tmp_path / name
         d.mkdir()
