@@ -531,16 +531,20 @@ def _fail_writes(monkeypatch, how: str, under: Path) -> None:
     from blockmerge.errors import Interrupted
     from blockmerge.io import atomic
 
-    real = atomic._TrackedFile.write
+    def failing(name: str):
+        real = getattr(atomic._TrackedFile, name)
 
-    def write(self, data):
-        if not os.readlink(f"/proc/self/fd/{self._f.fileno()}").startswith(str(under)):
-            return real(self, data)
-        if how == "disk full":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        raise Interrupted(signal.SIGTERM)
+        def write(self, *args):  # write(data), and pwrite(data, offset): tensors go in by position
+            if not os.readlink(f"/proc/self/fd/{self._f.fileno()}").startswith(str(under)):
+                return real(self, *args)
+            if how == "disk full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise Interrupted(signal.SIGTERM)
 
-    monkeypatch.setattr(atomic._TrackedFile, "write", write)
+        monkeypatch.setattr(atomic._TrackedFile, name, write)
+
+    failing("write")
+    failing("pwrite")
 
 
 @pytest.mark.parametrize("how", ["disk full", "SIGTERM"])

@@ -171,3 +171,116 @@ def test_a_too_small_disk_fails_before_any_tensor_is_written(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.split() == ["refused", "EFBIG", "0"], out.stdout + out.stderr
+
+
+def test_placed_parts_from_threads_in_any_order_equal_the_sequential_file(tmp_path) -> None:
+    """``place`` from several threads, parts in a random order, accounted in file order afterwards:
+    the same bytes as writing every tensor in order; a part that overruns its tensor is refused."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(5)
+    g = torch.Generator().manual_seed(5)
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.int64, torch.bool, torch.float8_e4m3fn]
+    for case in range(6):
+        tensors = []
+        for i in range(rng.randint(1, 7)):
+            dt = rng.choice(dtypes)
+            shape = tuple(rng.randint(0, 40) for _ in range(rng.randint(1, 3)))
+            t = torch.randn(shape, generator=g) * 3
+            tensors.append((f"k{i}.weight", t.to(dt) if dt not in (torch.int64, torch.bool) else (t > 0).to(dt)))
+        entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors]
+        seq, placed = tmp_path / f"seq{case}.safetensors", tmp_path / f"placed{case}.safetensors"
+        with atomic_write(seq) as f:
+            w = SafetensorsStreamWriter(f, entries, {"case": str(case)})
+            for k, t in tensors:
+                w.write(k, t)
+            w.finish()
+        parts = []  # (key, element offset, flat part, last)
+        for k, t in tensors:
+            flat, n = t.reshape(-1), t.numel()
+            cuts = sorted({0, n, *(rng.randint(0, n) for _ in range(rng.randint(0, 3)))})
+            for lo, hi in zip(cuts, cuts[1:], strict=False) if n else [(0, 0)]:
+                parts.append((k, lo, flat[lo:hi], hi == n))
+        with atomic_write(placed) as f:
+            w = SafetensorsStreamWriter(f, entries, {"case": "?" * len(str(case))})
+            order = list(parts)
+            rng.shuffle(order)
+            with ThreadPoolExecutor(3) as ex:
+                list(ex.map(lambda p, w=w: w.place(p[0], p[1] * p[2].element_size(), p[2]), order))
+            for k, _, part, last in parts:
+                w.write_part(k, part, last, placed=True)
+            w.rewrite_metadata({"case": str(case)})
+            w.finish()
+        assert placed.read_bytes() == seq.read_bytes(), case
+        assert placed.stat().st_size == w.total_bytes
+    with pytest.raises(RuntimeError, match="do not fit"), atomic_write(tmp_path / "over.safetensors") as f:
+        w = SafetensorsStreamWriter(f, [("a", torch.float16, (10,))])
+        w.place("a", 4, torch.zeros(9, dtype=torch.float16))
+    assert not (tmp_path / "over.safetensors").exists()
+
+
+def test_the_merge_workers_write_their_own_slices_and_hold_none(tiny_sd1_paths, tmp_path, monkeypatch) -> None:
+    """Each slice is written by the worker thread that computed it, never by the thread that
+    accounts for the file; the bytes do not depend on the worker count; the results that wait to be
+    accounted hold no data (meta tensors)."""
+    import threading
+
+    from blockmerge.merge import executor
+    from blockmerge.merge.executor import merge
+
+    a, b, _ = tiny_sd1_paths
+    monkeypatch.setattr(executor, "SLICE", 1000)  # many slices per tensor
+    writers: list[str] = []
+    real_place = SafetensorsStreamWriter.place
+
+    def place(self, key, byte_offset, data):
+        writers.append(threading.current_thread().name)
+        return real_place(self, key, byte_offset, data)
+
+    monkeypatch.setattr(SafetensorsStreamWriter, "place", place)
+    results = []
+    real_run = executor._Worker.run
+
+    def run(self, t):
+        r = real_run(self, t)
+        results.append(r.device.type)
+        return r
+
+    monkeypatch.setattr(executor._Worker, "run", run)
+    outs = [merge([a, b], tmp_path / f"t{n}.safetensors", alpha="0.3,IN04=0.9", threads=n).output for n in (1, 3)]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    n_tensors = len(load_file(outs[0]))
+    assert len(writers) > 2 * n_tensors  # sliced: several parts per tensor on average
+    three = writers[len(writers) // 2:]  # the second merge's writes
+    assert all(w.startswith("blockmerge") for w in three) and len(set(three)) > 1, set(three)
+    assert set(results) == {"meta"}
+
+
+def test_a_full_disk_in_a_workers_write_fails_cleanly(tiny_sd1_paths, tmp_path, monkeypatch) -> None:
+    """ENOSPC raised in a worker thread's positional write (after the header was written) is the
+    one-line "disk full" error, and no file is left behind."""
+    import errno
+    import threading
+
+    from blockmerge.errors import BlockmergeError
+    from blockmerge.io import atomic
+    from blockmerge.merge.executor import merge
+
+    a, b, _ = tiny_sd1_paths
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    seen: list[str] = []
+    real = atomic._TrackedFile.pwrite
+
+    def pwrite(self, data, offset):
+        seen.append(threading.current_thread().name)
+        if len(seen) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, offset)
+
+    monkeypatch.setattr(atomic._TrackedFile, "pwrite", pwrite)
+    with pytest.raises(BlockmergeError, match="disk full"):
+        merge([a, b], out_dir / "m.safetensors", alpha=0.5, threads=2)
+    assert any(n.startswith("blockmerge") for n in seen[5:])
+    assert list(out_dir.iterdir()) == []

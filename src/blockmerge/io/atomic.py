@@ -413,6 +413,14 @@ class _TrackedFile:
             self.error = self.error or e
             raise
 
+    def pwrite(self, data: Any, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (threads may write other ranges at the same time)."""
+        try:
+            pwrite_all(self._f.fileno(), data, offset)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
     def flush(self) -> None:
         try:
             self._f.flush()
@@ -422,6 +430,14 @@ class _TrackedFile:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset`` onwards (a write may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def write_error(where: str, e: OSError) -> BlockmergeError:
@@ -689,11 +705,14 @@ class EarlyWriteback:
         self._done = f.tell()
         self.enabled = _SYNC_FILE_RANGE is not None
 
-    def advance(self) -> bool:
-        """Call after writes; every ``CHUNK`` bytes, start writeback of them. True if it did."""
+    def advance(self, pos: int | None = None) -> bool:
+        """Call after writes; every ``CHUNK`` bytes, start writeback of them. True if it did.
+        ``pos``: where the written part of the file ends (default: the file position; positional
+        writes leave that alone, so their writer says how far the file is complete)."""
         if not self.enabled:
             return False
-        pos = self._f.tell()
+        if pos is None:
+            pos = self._f.tell()
         if pos - self._done < self.CHUNK:
             return False
         self._f.flush()

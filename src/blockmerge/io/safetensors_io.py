@@ -16,13 +16,14 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
-from .atomic import EarlyWriteback, preallocate
+from .atomic import EarlyWriteback, preallocate, pwrite_all
 from .inputs import check_input_file
 from .memory import available_memory
 
@@ -366,8 +367,24 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw, sizes
 
 
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as stored in safetensors: flat, contiguous, on the CPU, bool as uint8."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 class SafetensorsStreamWriter:
-    """Writes a safetensors file whose header is known up front, one tensor at a time."""
+    """Writes a safetensors file whose header is known up front, one tensor at a time.
+
+    Tensors are accounted in file order (:meth:`write`, :meth:`write_part`), which write their bytes
+    unless :meth:`place` already put them where they go (then ``placed=True``). Several threads may
+    call :meth:`place` at once for different ranges: then the output's page writes, which cost more
+    than the arithmetic of most merges, are spread over the threads that computed the bytes.
+    All data goes in by position (``pwrite``), so the file position stays after the header until
+    :meth:`finish`.
+    """
 
     def __init__(
         self,
@@ -383,34 +400,56 @@ class SafetensorsStreamWriter:
         self._start = f.tell()
         preallocate(f, self._start + self.total_bytes)
         f.write(head)
+        f.flush()  # before any positional write: the buffered header must not land after them
+        self._pos = self._start + self.header_len  # the file is complete up to here
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (file offset of its data, byte size)
+        at = self._pos
+        for key, n in self._sizes:
+            self._where[key] = (at, n)
+            at += n
+        self._pwrite = getattr(f, "pwrite", None) or partial(pwrite_all, f.fileno())
         self._writeback = EarlyWriteback(f)
         self._next = 0
         self._part_bytes = 0  # bytes written so far of the tensor being written in parts
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def place(self, key: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write ``data`` (a tensor of ``key``'s stored dtype, or a flat part of it) at its place in
+        the file, ``byte_offset`` bytes into ``key``'s data. Thread-safe; the writer must still be
+        told, in file order, with ``placed=True``."""
+        start, size = self._where[key]
+        raw = _raw_bytes(data)
+        if byte_offset < 0 or byte_offset + raw.numel() > size:
+            raise RuntimeError(f"stream writer: {raw.numel()} bytes at {byte_offset} do not fit in {key}")
+        if raw.numel():
+            self._pwrite(memoryview(raw.numpy()), start + byte_offset)
+
+    def _wrote(self, n: int) -> None:
+        self._pos += n
+        self._writeback.advance(self._pos)
+
+    def write(self, key: str, tensor: torch.Tensor, placed: bool = False) -> None:
         want_key, dtype, shape = self._entries[self._next]
         if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(
                 f"stream writer expected {want_key} {dtype} {shape}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        t = tensor.detach().contiguous().cpu()
-        if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
-        if t.numel():
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            self._writeback.advance()
+        n = self._sizes[self._next][1]
+        if n and not placed:
+            self._pwrite(memoryview(_raw_bytes(tensor).numpy()), self._pos)
+        self._wrote(n)
         self._next += 1
 
-    def write_part(self, key: str, part: torch.Tensor, last: bool) -> None:
+    def write_part(self, key: str, part: torch.Tensor, last: bool, placed: bool = False) -> None:
         """Write the next consecutive elements of ``key`` (a flat slice); ``last`` closes the tensor,
         whose byte count must then be complete."""
         want_key, dtype, _ = self._entries[self._next]
         if key != want_key or part.dtype != dtype:
             raise RuntimeError(f"stream writer expected {want_key} {dtype}, got a part of {key} {part.dtype}")
-        if part.numel():
-            self._f.write(memoryview(part.contiguous().view(torch.uint8).numpy()))
-            self._writeback.advance()
-        self._part_bytes += part.numel() * part.element_size()
+        n = part.numel() * part.element_size()
+        if n and not placed:
+            self._pwrite(memoryview(_raw_bytes(part).numpy()), self._pos)
+        self._wrote(n)
+        self._part_bytes += n
         if last:
             if self._part_bytes != self._sizes[self._next][1]:
                 raise RuntimeError(f"stream writer got {self._part_bytes} bytes for {key}, expected {self._sizes[self._next][1]}")
@@ -424,13 +463,11 @@ class SafetensorsStreamWriter:
         head, _ = build_header(self._entries, metadata, pad_to=self.header_len)
         if len(head) != self.header_len:
             raise RuntimeError("metadata rewrite made the header longer than the space reserved for it")
-        pos = self._f.tell()
-        self._f.seek(self._start)
-        self._f.write(head)
-        self._f.seek(pos)
+        self._pwrite(head, self._start)
 
     def finish(self) -> None:
         if self._next != len(self._entries):
             raise RuntimeError(f"stream writer got {self._next} of {len(self._entries)} tensors")
-        if self._f.tell() != self._start + self.total_bytes:  # the file was preallocated to this size
-            raise RuntimeError(f"stream writer wrote {self._f.tell() - self._start} bytes, expected {self.total_bytes}")
+        if self._pos != self._start + self.total_bytes:  # the file was preallocated to this size
+            raise RuntimeError(f"stream writer wrote {self._pos - self._start} bytes, expected {self.total_bytes}")
+        self._f.seek(self._pos)  # data went in by position: the file position is where it ends
