@@ -873,6 +873,11 @@ def test_recipe_lora_step_bakes_as_lora_apply_and_round_trips(sd1_lora, tiny_sd1
     assert all(torch.equal(x[k], y[k]) for k in x)
     meta = json.loads(open_lora_meta(out.output)["blockmerge"])
     assert meta["method"] == "lora" and meta["loras"][0]["te"] == 0.5
+    from blockmerge.lora.library import lora_hash  # recorded as lora apply records it, not the placeholder
+
+    assert meta["loras"][0]["lora_hash"] == lora_hash(lp) != "0" * 12
+    (baked,) = json.loads(open_lora_meta(ref)["blockmerge"])["loras"]
+    assert {**meta["loras"][0], "name": None} == {**baked, "name": None}  # named "style" in the recipe
     assert {i["role"] for i in meta["inputs"]} == {"A", "B", "style"}
     # the embedded recipe says what ran, reads back, and reruns to the same bytes
     emb = embedded_recipe(out.output)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +79,26 @@ def lora_chain(model: Source, specs: Sequence[LoraSpec], stack: contextlib.ExitS
     return node, records, warnings
 
 
+LORA_HASHES = "lora hashes"  # the name of the LoRA hash job in ``write_hashed``'s results
+
+
+def lora_hash_job(paths: Sequence[Path]) -> dict[str, Any]:
+    """The background job that gives each LoRA file's A1111 short hash (``write_hashed``'s
+    ``more_hashes``): run beside the input hashes while the tensors are written."""
+    from .library import lora_hash
+
+    paths = list(paths)
+    return {LORA_HASHES: lambda: [lora_hash(p) for p in paths]}
+
+
+def fill_lora_hashes(records: Sequence[dict[str, Any]], hashes: Mapping[Any, Any] | None) -> None:
+    """Each LoRA record's ``lora_hash``: from the finished hash jobs, or before they are done (``None``)
+    a placeholder of the same width, so the header rewritten later keeps its length."""
+    values = hashes[LORA_HASHES] if hashes is not None else ["0" * 12] * len(records)
+    for rec, h in zip(records, values, strict=True):
+        rec["lora_hash"] = h
+
+
 def apply_loras(
     model: str | os.PathLike[str],
     loras: Sequence[LoraSpec],
@@ -98,8 +117,6 @@ def apply_loras(
     Math in float32; the output's metadata records each LoRA (file, sha256, A1111's short hash,
     strengths and every block's value) beside the model's hashes.
     """
-    from .library import lora_hash
-
     if not loras:
         raise BlockmergeError("lora apply: give at least one LoRA")
     mpath = Path(model)
@@ -112,13 +129,6 @@ def apply_loras(
         src = FileSource(mpath)
         stack.callback(src.close)
         node, records, warnings = lora_chain(src, loras, stack, presets=book, model_name=str(mpath))
-        # The LoRAs' addnet hashes on a thread while the tensors are written (a rank-128 SD1.5 LoRA:
-        # 0.15 s); the header first holds a placeholder of the same width, as for the model's hashes.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-hash")
-        stack.callback(pool.shutdown)
-        lora_hashes = pool.submit(lambda: [lora_hash(spec.path) for spec in loras])
-        for rec in records:
-            rec["lora_hash"] = "0" * 12
         report = MergeReport()
         roles = ["A", *(f"LoRA{i}" for i in range(1, len(loras) + 1))]
         record: dict[str, Any] = {
@@ -126,17 +136,16 @@ def apply_loras(
             "architecture": src.arch.name, "space": "model", "loras": records, "dtype": dtype, "format": fmt,
         }
 
-        def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
-            if hashes is not None:
-                for rec, h in zip(records, lora_hashes.result(), strict=True):
-                    rec["lora_hash"] = h
+        def meta(hashes: Mapping[Any, Any] | None) -> dict[str, str]:
+            fill_lora_hashes(records, hashes)
             inputs = [input_record(i, roles[i], p, hashes, src.metadata if i == 0 else None) for i, p in enumerate(paths)]
             return build_metadata(record, inputs, a1111_method="LoRA", multiplier=loras[0].unet, half=dtype == "fp16",
                                   a1111_roles=("A", None, None))
 
         if threads is None:  # the LoRA products are compute-bound: every core, at most 2
             threads = default_workers(compute_bound=True)
-        written, final = write_hashed(node, out, paths, meta, dtype=dtype, fmt=fmt, progress=progress,
+        written, final = write_hashed(node, out, paths, meta, more_hashes=lora_hash_job([s.path for s in loras]), dtype=dtype,
+                                      fmt=fmt, progress=progress,
                                       threads=threads, allow_non_finite=allow_non_finite, report=report,
                                       overwrite=overwrite)
         warnings.extend(report.warnings)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -433,22 +434,24 @@ class MergeResult:
 
 
 class _Hasher:
-    """Hashes input files on a background thread while the merge runs (cache hits are instant)."""
+    """Runs hash jobs one after another on a background thread while the merge runs (cache hits are
+    instant): each input file's hashes, keyed by its path, then the caller's named jobs (a LoRA's
+    A1111 short hash). A daemon thread: a failed merge exits without waiting for a 6 GB hash."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.results: dict[Path, Any] = {}
+    def __init__(self, jobs: Sequence[tuple[Any, Callable[[], Any]]]) -> None:
+        self.results: dict[Any, Any] = {}
         self.error: BaseException | None = None
-        self._t = threading.Thread(target=self._run, args=(list(paths),), daemon=True)
+        self._t = threading.Thread(target=self._run, args=(list(jobs),), daemon=True, name="blockmerge-hash")
         self._t.start()
 
-    def _run(self, paths: list[Path]) -> None:
+    def _run(self, jobs: list[tuple[Any, Callable[[], Any]]]) -> None:
         try:
-            for p in paths:
-                self.results[p] = file_hashes(p)
+            for key, job in jobs:
+                self.results[key] = job()
         except BaseException as e:  # reported when joined
             self.error = e
 
-    def join(self) -> dict[Path, Any]:
+    def join(self) -> dict[Any, Any]:
         self._t.join()
         if self.error:
             raise self.error
@@ -469,8 +472,9 @@ def write_hashed(
     source: Source,
     output: Path,
     hash_paths: Sequence[Path],
-    make_metadata: Callable[[Mapping[Path, Any] | None], dict[str, str]],
+    make_metadata: Callable[[Mapping[Any, Any] | None], dict[str, str]],
     *,
+    more_hashes: Mapping[str, Callable[[], Any]] | None = None,
     dtype: str,
     fmt: str,
     progress: bool = False,
@@ -486,9 +490,12 @@ def write_hashed(
 
     Why: hashing two 2 GB inputs takes as long as the merge itself, so it overlaps the merge; the
     header is first written with ``make_metadata(None)`` (placeholder hashes of the same width) and
-    rewritten with ``make_metadata(hashes)`` once both are done. Shared by ``merge`` and recipes.
+    rewritten with ``make_metadata(hashes)`` once all are done: ``hashes`` maps each path to its
+    :class:`~blockmerge.io.FileHashes` and each name of ``more_hashes`` to what its job returned.
+    Shared by ``merge``, ``lora apply`` and recipes.
     """
-    hasher = _Hasher(hash_paths)
+    jobs: list[tuple[Any, Callable[[], Any]]] = [(p, partial(file_hashes, p)) for p in hash_paths]
+    hasher = _Hasher([*jobs, *(more_hashes or {}).items()])
     placeholder = make_metadata(None)
     final: dict[str, str] = {}
 

@@ -533,7 +533,11 @@ def _write_output(
     record_base = {**method_part, "dtype": dtype, "format": fmt, "steps": len(steps)}
     roles = [r if r in spec.inputs else None for r in last.models]
 
-    def meta(hashes: Mapping[Path, Any] | None) -> dict[str, str]:
+    from ..lora.apply import fill_lora_hashes, lora_hash_job  # lazily, as the LoRA steps import it
+
+    def meta(hashes: Mapping[Any, Any] | None) -> dict[str, str]:
+        if last.loras:
+            fill_lora_hashes(plan.loras[step], hashes)
         records = [
             input_record(k, n, plan.paths[n], hashes, plan.files[n].metadata if n in plan.files else None)
             for k, n in enumerate(inputs) if n != vae or n in plan.files
@@ -548,7 +552,9 @@ def _write_output(
     out_report = MergeReport()
     if threads is None:  # a LoRA step's matmuls are compute-bound, as in ``lora apply``
         threads = default_workers(compute_bound=any(spec.steps[idx[n]].loras for n in steps))
-    written, final = write_hashed(node, target, hash_paths, meta, dtype=dtype, fmt=fmt, progress=progress,
+    more = lora_hash_job([plan.paths[lo.lora] for lo in last.loras]) if last.loras else None
+    written, final = write_hashed(node, target, hash_paths, meta, more_hashes=more, dtype=dtype, fmt=fmt,
+                                  progress=progress,
                                   threads=threads, allow_non_finite=allow_non_finite, report=out_report,
                                   overwrite=overwrite, on_progress=on_progress)
     rec = read_record(final) or {}
