@@ -161,6 +161,31 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path: Path) -> None:
         custom_variant("bad name", SD1, "0.5")
 
 
+@pytest.mark.parametrize(("customs", "want"), [
+    (["x=0.5", " x =0.3"], "--custom x: given twice"),
+    (["x"], "--custom 'x': expected NAME=SPEC"),
+    (["=0.5"], "--custom '=0.5': expected NAME=SPEC"),
+    (["x= "], "--custom 'x= ': expected NAME=SPEC"),
+])
+def test_bad_custom_variants_are_refused_before_any_model_loads(tmp_path: Path, capsys, monkeypatch, customs,
+                                                                 want) -> None:
+    """``--custom`` goes through the one NAME=SPEC parser (also ``--param``'s and the UI's): a name
+    given twice used to be found only after the models had loaded, as duplicate variant ids."""
+    import blockmerge.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was resolved before the arguments were checked")
+
+    monkeypatch.setattr(blockmerge.models, "resolve_model", no_load)
+    argv = ["sweep", "tiny-a", "--donor", "tiny-b", "-o", str(tmp_path / "s"), "--prompt", PROMPT, "--seeds", "1", "-q"]
+    for c in customs:
+        argv += ["--custom", c]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
 def test_sweep_and_report_commands(tiny_sd1_paths, tmp_path: Path, capsys) -> None:
     a, b = (str(p) for p in tiny_sd1_paths[:2])
     out = tmp_path / "cli"

@@ -107,6 +107,12 @@ def test_model_and_folder_names_from_the_page_are_refused(server, client) -> Non
     status = _status(client.predict("tiny-a", "tiny-b", False, "0.5", False, False, "t=1", "ties", "IN00", "k", True,
                                     "a red circle", "1", "sweep", False, api_name="/sweep"))
     assert status.startswith("error: parameters 'k': expected NAME=SPEC"), status
+    # custom variant lines go through the same parser: a line without a spec, and a name given twice
+    for custom, want in (("t", "error: custom 't': expected NAME=SPEC (e.g. gradv=GRAD_V)"),
+                         ("t=1\n u=0.2\nt=0.5", "error: custom t: given twice")):
+        status = _status(client.predict("tiny-a", "tiny-b", False, "0.5", False, False, custom, "(none)", "IN00", "",
+                                        False, "a red circle", "1", "sweep", False, api_name="/sweep"))
+        assert status.startswith(want), status
     assert sorted(p.name for p in (tmp / "outside").iterdir()) == ["secret.txt"]
     # model names come from dropdowns: a name that is not offered never reaches a file
     for bad in ("../outside/secret.txt", "/etc/passwd"):

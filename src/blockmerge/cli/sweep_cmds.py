@@ -30,13 +30,6 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _custom(text: str) -> tuple[str, str]:
-    name, sep, spec = text.partition("=")
-    if not sep or not name.strip() or not spec.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SPEC, e.g. gradv=GRAD_V")
-    return name.strip(), spec.strip()
-
-
 def _threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
@@ -61,11 +54,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..generation.loader import load_pipeline
     from ..merge import load_presets
     from ..merge.executor import output_dtype
-    from ..merge.params import parse_param_args
+    from ..merge.params import parse_name_specs, parse_param_args
     from ..models import resolve_model
 
     prompts = _read_prompts(args)
     seeds = parse_seeds(args.seeds, "--seeds")
+    customs = [(n, spec.strip()) for n, spec in parse_name_specs(args.custom, "--custom", "--custom gradv=GRAD_V").items()]
     _threads(args)
     if not (args.scale or args.bypass or args.swap or args.custom or args.lora):
         raise BlockmergeError("choose at least one experiment: --scale K, --bypass, --swap, --custom NAME=SPEC "
@@ -104,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         donor_name = donor_name or name  # the first donor is the one --swap / --reverse use
     variants = plan_variants(arch, blocks, scale=args.scale or (), bypass=args.bypass,
                              swap_donor=donor_name if args.swap else None, swap_ratios=args.swap_ratio or [1.0],
-                             custom=args.custom or [], method=args.method, params=parse_param_args(args.param),
+                             custom=customs, method=args.method, params=parse_param_args(args.param),
                              donors=list(donors), presets=presets, clamp=args.clamp)
     if lora_spec is not None:  # an experiment of its own: never beside the others (checked above)
         from ..experiments.sweep import lora_variants
@@ -190,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-ratio", type=finite_float, action="append", metavar="R",
                    help="take the block at ratio R: (1-R)·A + R·B (default 1; repeatable)")
     p.add_argument("--reverse", action="store_true", help="also the reverse swap (donor with each block from MODEL)")
-    p.add_argument("--custom", type=_custom, action="append", metavar="NAME=SPEC",
+    p.add_argument("--custom", action="append", metavar="NAME=SPEC",
                    help="a named variant from a full weight spec (preset, list, 'IN04-IN08=0.5'); repeatable")
     p.add_argument("--lora", metavar="FILE[:STRENGTH]",
                    help="the experiment on a LoRA: baseline = MODEL + the whole LoRA; per block it touches, the "

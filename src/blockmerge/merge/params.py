@@ -18,24 +18,31 @@ from .declare import MergeMethod
 from .presets import PresetBook
 from .weights import BlockWeights, base_arg_name, parse_weights
 
-__all__ = ["ParamValues", "check_rules", "merged_params", "parse_param_args", "resolve_params", "values_for"]
+__all__ = ["ParamValues", "check_rules", "merged_params", "parse_name_specs", "parse_param_args", "resolve_params", "values_for"]
 
 #: Parameter name -> its per-block values (and rules). Per-operand parameters are expanded (w1, w2).
 ParamValues = dict[str, BlockWeights]
 
 
-def parse_param_args(items: Iterable[str] | None, arg: str = "--param") -> dict[str, str]:
-    """``["k=0.3", "alpha=IN04-IN08=0.5"]`` -> ``{"k": "0.3", "alpha": "IN04-IN08=0.5"}``."""
+def parse_name_specs(items: Iterable[str] | None, arg: str, example: str) -> dict[str, str]:
+    """``NAME=SPEC`` items (``--param``, ``--custom``, the UI's lines of either), split at the first
+    ``=`` (a SPEC holds more of them), in order; an error naming ``arg`` for an item without a name
+    or a spec, and for a name given twice. ``example`` is shown in the error."""
     out: dict[str, str] = {}
     for item in items or []:
         name, sep, spec = item.partition("=")
         name = name.strip()
         if not sep or not name or not spec.strip():
-            raise BlockmergeError(f"{arg} {item!r}: expected NAME=SPEC (e.g. --param k=0.3)")
+            raise BlockmergeError(f"{arg} {item!r}: expected NAME=SPEC (e.g. {example})")
         if name in out:
             raise BlockmergeError(f"{arg} {name}: given twice")
         out[name] = spec
     return out
+
+
+def parse_param_args(items: Iterable[str] | None, arg: str = "--param") -> dict[str, str]:
+    """``["k=0.3", "alpha=IN04-IN08=0.5"]`` -> ``{"k": "0.3", "alpha": "IN04-IN08=0.5"}``."""
+    return parse_name_specs(items, arg, "--param k=0.3" if arg == "--param" else "k=0.3")
 
 
 def merged_params(

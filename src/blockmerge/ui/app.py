@@ -485,7 +485,7 @@ def build_app(wb: Workbench) -> Any:
                      progress: Any = progress_marker) -> dict:
             from urllib.parse import quote
 
-            from ..merge.params import parse_param_args
+            from ..merge.params import parse_name_specs, parse_param_args
 
             ks: list[float] = []
             if scale:
@@ -497,19 +497,15 @@ def build_app(wb: Workbench) -> Any:
                             raise BlockmergeError(f"K: {t!r} is not a number") from None
                 if not ks:
                     raise BlockmergeError("K: give at least one factor (e.g. 0.75)")
-            customs = []
-            for line in (custom or "").splitlines():
-                if line.strip():
-                    n, sep, spec = line.partition("=")
-                    if not sep or not n.strip() or not spec.strip():
-                        raise BlockmergeError(f"custom {line.strip()!r}: expected NAME=SPEC, e.g. gradv=GRAD_V")
-                    customs.append((n.strip(), spec.strip()))
+            def lines(text: str | None) -> list[str]:
+                return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+            customs = [(n, spec.strip()) for n, spec in parse_name_specs(lines(custom), "custom", "gradv=GRAD_V").items()]
             donor = b if b and b != NONE else None
             with wb.jobs.run("sweep", job_progress(progress)) as job:
                 r = wb.sweep(a, folder, text, seed_text, donor=donor, scale=ks, bypass=byp, swap=swp,
                              custom=customs, method=None if meth == NONE else meth, blocks=blocks or None,
-                             params=parse_param_args([ln.strip() for ln in (params or "").splitlines() if ln.strip()],
-                                                     "parameters"),
+                             params=parse_param_args(lines(params), "parameters"),
                              clamp=bool(clamp), overwrite=ow, job=job)
             url = "/outputs/" + quote(r.name) + "/"
             frame = (f'<p><a href="{html.escape(url)}index.html" target="_blank" id="sweep-report-link">open the '
