@@ -892,17 +892,17 @@ def test_recipe_lora_step_bakes_as_lora_apply_and_round_trips(sd1_lora, tiny_sd1
 def test_recipe_lora_steps_get_the_compute_bound_worker_default(sd1_lora, tiny_sd1_paths, tmp_path, monkeypatch) -> None:
     """A recipe output whose chain bakes a LoRA asks for ``lora apply``'s worker default (its matmuls
     are compute-bound); a plain merge recipe for the plain one. The bytes do not depend on it."""
-    import blockmerge.recipes.runner as runner
-    from blockmerge.merge.executor import default_workers
+    from blockmerge.merge import executor
     from blockmerge.recipes import recipe_from_text, run_recipe
 
     asked: list[bool] = []
+    real = executor.default_workers
 
-    def spy(compute_bound: bool = False) -> int:
+    def spy(compute_bound: bool = False, hashing: bool = True) -> int:
         asked.append(compute_bound)
-        return default_workers(compute_bound)
+        return real(compute_bound, hashing)
 
-    monkeypatch.setattr(runner, "default_workers", spy)
+    monkeypatch.setattr(executor, "default_workers", spy)
     model, lp, _ = sd1_lora
     outs = {}
     for name, text in (("plain", _mix_recipe(model, tiny_sd1_paths[1], lp)),

@@ -343,9 +343,9 @@ def test_a_copied_slice_is_read_straight_into_the_output_buffer(tiny_sd1_paths):
 
 
 @pytest.mark.parametrize("cores,plain,compute", [(1, 1, 1), (2, 1, 2), (3, 2, 2), (16, 2, 2)])
-def test_default_workers_leave_a_core_to_the_writer_unless_compute_bound(monkeypatch, cores, plain, compute):
-    """Plain merges: cores - 1 workers (the main thread writes and a thread hashes), at most 2;
-    compute-bound sources (LoRA products): every core, at most 2."""
+def test_default_workers_leave_a_core_to_the_hasher_unless_compute_bound(monkeypatch, cores, plain, compute):
+    """Plain merges whose inputs are hashed meanwhile: cores - 1 workers, at most 2; compute-bound
+    sources (LoRA products), or nothing to hash: every core, at most 2."""
     import os
 
     from blockmerge.merge.executor import default_workers
@@ -353,6 +353,41 @@ def test_default_workers_leave_a_core_to_the_writer_unless_compute_bound(monkeyp
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert default_workers() == plain
     assert default_workers(compute_bound=True) == compute
+    assert default_workers(hashing=False) == compute == default_workers(compute_bound=True, hashing=False)
+
+
+def test_a_merge_leaves_a_core_to_hashing_only_when_an_input_is_not_in_the_hash_cache(
+        tiny_sd1_paths, tmp_path, monkeypatch):
+    """The worker count write_hashed picks: with an empty hash cache a plain merge leaves a core to
+    the hasher; once both inputs' hashes are cached it uses every core; a LoRA apply always does.
+    The bytes are the same either way."""
+    import os
+
+    from blockmerge.io.hashes import cached_hashes
+    from blockmerge.merge import executor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path / "cache"))
+    used: list[int] = []
+    real = executor.write_source
+
+    def spy(*args, **kw):
+        used.append(kw["threads"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(executor, "write_source", spy)
+    a, b, _ = tiny_sd1_paths
+    assert cached_hashes(a) is None and cached_hashes(b) is None
+    first = executor.merge([a, b], tmp_path / "m1.safetensors", alpha=0.4).output
+    assert cached_hashes(a) is not None and cached_hashes(b) is not None  # hashed by that merge
+    again = executor.merge([a, b], tmp_path / "m2.safetensors", alpha=0.4).output
+    c = tmp_path / "c.safetensors"
+    c.write_bytes(b.read_bytes())  # same bytes, not in the cache
+    third = executor.merge([a, c], tmp_path / "m3.safetensors", alpha=0.4).output
+    assert used == [1, 2, 1]
+    assert first.read_bytes() == again.read_bytes()
+    x, y = load_file(first), load_file(third)  # c is b under another name: the tensors, not the metadata
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_lora_apply_and_merge_write_the_same_bytes_for_any_worker_count(tiny_sd1_paths, tmp_path):

@@ -344,7 +344,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fix-position-ids", action="store_true", help="reset CLIP position_ids to 0..76")
     p.add_argument("--presets", action="append", metavar="FILE", help="extra preset file (NAME<TAB>v1,v2,...)")
     p.add_argument("--threads", type=THREADS, default=None,
-                   help="worker threads (default: cores - 1, at most 2; output bytes never depend on it)")
+                   help="worker threads (default: every core, at most 2, one less while uncached inputs are hashed; "
+                        "output bytes never depend on it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 

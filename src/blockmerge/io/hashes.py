@@ -98,17 +98,30 @@ def _save_cache(p: Path, data: dict[str, dict[str, object]]) -> None:
         write_text(p, json.dumps(data, indent=0, sort_keys=True), overwrite=True)
 
 
+def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
+    """Both hashes of a file if the cache has them for its path, size and mtime; else None (nothing
+    is read but the cache; a file that cannot be checked is None, left to :func:`file_hashes`)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = str(p.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return None
+    with _LOCK:
+        entry = _load_cache(cache_path()).get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return FileHashes(str(p), str(entry["sha256"]), str(entry["legacy"]))
+    return None
+
+
 def file_hashes(path: str | os.PathLike[str], use_cache: bool = True) -> FileHashes:
     """Both hashes of a file, from the cache when path, size and mtime still match."""
     p = Path(path)
     st = check_input_file(p, error=CheckpointError)
     key = str(p.resolve())
     cp = cache_path()
-    if use_cache:
-        with _LOCK:
-            entry = _load_cache(cp).get(key)
-        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            return FileHashes(str(p), str(entry["sha256"]), str(entry["legacy"]))
+    if use_cache and (hit := cached_hashes(p)) is not None:
+        return hit
     try:
         result = FileHashes(str(p), sha256_file(p), legacy_hash(p))
     except OSError as e:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import BlockmergeError
 from ..io import check_output_path
-from ..merge.executor import default_workers, input_record, output_format, write_hashed
+from ..merge.executor import input_record, output_format, write_hashed
 from ..merge.metadata import build_metadata
 from ..merge.methods import get_method
 from ..merge.nodes import FileSource, MergeNode, MergeReport, Source
@@ -142,10 +142,9 @@ def apply_loras(
             return build_metadata(record, inputs, a1111_method="LoRA", multiplier=loras[0].unet, half=dtype == "fp16",
                                   a1111_roles=("A", None, None))
 
-        if threads is None:  # the LoRA products are compute-bound: every core, at most 2
-            threads = default_workers(compute_bound=True)
-        written, final = write_hashed(node, out, paths, meta, more_hashes=lora_hash_job([s.path for s in loras]), dtype=dtype,
-                                      fmt=fmt, progress=progress,
+        # compute_bound: the LoRA products use every core, at most 2, hashing or not
+        written, final = write_hashed(node, out, paths, meta, more_hashes=lora_hash_job([s.path for s in loras]),
+                                      compute_bound=True, dtype=dtype, fmt=fmt, progress=progress,
                                       threads=threads, allow_non_finite=allow_non_finite, report=report,
                                       overwrite=overwrite)
         warnings.extend(report.warnings)

@@ -38,6 +38,7 @@ from ..io import (
     saturates,
 )
 from ..io import output_dtype as output_dtype
+from ..io.hashes import cached_hashes
 from ..io.memory import release_free_memory
 from .metadata import InputRecord, build_metadata, placeholder_sha
 from .methods import get_method
@@ -323,8 +324,8 @@ def write_source(
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
-    if threads is None:
-        threads = default_workers()
+    if threads is None:  # nothing hashes beside a plain write (write_hashed decides for itself)
+        threads = default_workers(hashing=False)
     keys = sorted(source.keys())
     entries = []
     for k in keys:
@@ -390,20 +391,22 @@ def write_source(
         bar.close()
 
 
-def default_workers(compute_bound: bool = False) -> int:
-    """Worker threads when none are asked for: one core is left to the main thread (it writes the
-    output) and the hasher thread, at most two workers (reading and the arithmetic are memory-bound;
-    more did not help). Measured on 2 cores (bench/RESULTS.md, issue 14): SDXL pair with the inputs
-    hashed meanwhile, 1 worker 11.2-13.8 s vs 2 workers 21.6-26.6 s in three of four runs; the
-    SD1.5 pair on a quiet machine was the exception (2 workers 6.1 s vs 7.4 s).
+def default_workers(compute_bound: bool = False, hashing: bool = True) -> int:
+    """Worker threads when none are asked for: every core, at most two (reading and the arithmetic
+    are memory-bound; more were never measured), less one core left to the thread that hashes the
+    inputs meanwhile (``hashing``) unless the work is ``compute_bound`` (a LoRA's up @ down products).
 
-    ``compute_bound`` sources (a LoRA's up @ down products) use every core up to two: baking a
-    rank-128 LoRA into SD1.5 on 2 quiet cores took 8.8-10.2 s with 2 workers, 10.6-13.9 s with 1."""
+    Measured on 2 cores with the workers writing their own slices (issue 13's session 5): an SD1.5
+    merge with the inputs' hashes cached, 2 workers 6.2-7.9 s vs 1 worker 7.3-13.9 s; with both
+    2.1 GB inputs hashed meanwhile, 1 worker 6.9-8.4 s vs 2 workers 7.9-8.6 s (issue 14's SDXL pair:
+    1 worker 11.2-13.8 s vs 2 workers 21.6-26.6 s). Baking a rank-128 LoRA into SD1.5, hashes or
+    not, is faster on every core."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(2, cores if compute_bound else cores - 1))
+    spare = 1 if hashing and not compute_bound else 0
+    return max(1, min(2, cores - spare))
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -475,6 +478,7 @@ def write_hashed(
     make_metadata: Callable[[Mapping[Any, Any] | None], dict[str, str]],
     *,
     more_hashes: Mapping[str, Callable[[], Any]] | None = None,
+    compute_bound: bool = False,
     dtype: str,
     fmt: str,
     progress: bool = False,
@@ -492,8 +496,12 @@ def write_hashed(
     header is first written with ``make_metadata(None)`` (placeholder hashes of the same width) and
     rewritten with ``make_metadata(hashes)`` once all are done: ``hashes`` maps each path to its
     :class:`~blockmerge.io.FileHashes` and each name of ``more_hashes`` to what its job returned.
-    Shared by ``merge``, ``lora apply`` and recipes.
+    Shared by ``merge``, ``lora apply`` and recipes. Without ``threads``, the workers are
+    :func:`default_workers` for ``compute_bound`` work and for whether any input's hashes are
+    missing from the cache (then a core is left to the hashing).
     """
+    if threads is None:
+        threads = default_workers(compute_bound, hashing=any(cached_hashes(p) is None for p in hash_paths))
     jobs: list[tuple[Any, Callable[[], Any]]] = [(p, partial(file_hashes, p)) for p in hash_paths]
     hasher = _Hasher([*jobs, *(more_hashes or {}).items()])
     placeholder = make_metadata(None)

@@ -30,7 +30,6 @@ from ..io import check_output_path, file_hashes, input_guard, open_checkpoint
 from ..io.text import read_user_text
 from ..merge.executor import (
     check_position_ids,
-    default_workers,
     input_record,
     method_record,
     output_dtype,
@@ -550,11 +549,10 @@ def _write_output(
                               half=dtype == "fp16", vae=vrec, a1111_roles=roles)
 
     out_report = MergeReport()
-    if threads is None:  # a LoRA step's matmuls are compute-bound, as in ``lora apply``
-        threads = default_workers(compute_bound=any(spec.steps[idx[n]].loras for n in steps))
     more = lora_hash_job([plan.paths[lo.lora] for lo in last.loras]) if last.loras else None
+    # a LoRA step's matmuls are compute-bound, as in ``lora apply``
     written, final = write_hashed(node, target, hash_paths, meta, more_hashes=more, dtype=dtype, fmt=fmt,
-                                  progress=progress,
+                                  compute_bound=any(spec.steps[idx[n]].loras for n in steps), progress=progress,
                                   threads=threads, allow_non_finite=allow_non_finite, report=out_report,
                                   overwrite=overwrite, on_progress=on_progress)
     rec = read_record(final) or {}
