@@ -122,3 +122,28 @@ def test_merge_progress_on_stderr_and_quiet_silences_it(tiny_sd1_paths, tmp_path
     assert out.startswith("wrote ") and "merge p.safetensors" not in out
     assert main(["merge", a, b, "-o", str(tmp_path / "q.safetensors"), "--alpha", "0.5", "-q"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_no_home_directory_means_no_hash_cache_and_no_failure(tmp_path, monkeypatch) -> None:
+    """A container user without HOME or a passwd entry: Path.home() raises. The hashes are still
+    computed, nothing is cached, and cached_hashes says "not cached" instead of failing."""
+    from blockmerge.io import hashes
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    for var in ("BLOCKMERGE_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(hashes.Path, "home", staticmethod(no_home))
+    assert hashes.cache_path() is None
+    assert hashes.cached_hashes(f) is None
+    h = hashes.file_hashes(f)
+    assert h.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert hashes.cached_hashes(f) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # any of the three gives a cache again
+    assert hashes.cache_path() == tmp_path / "xdg" / "blockmerge" / "hashes.json"
+    hashes.file_hashes(f)
+    assert hashes.cached_hashes(f) == h

@@ -38,10 +38,20 @@ class FileHashes:
         return self.sha256[:10]
 
 
-def cache_path() -> Path:
-    env = os.environ.get("BLOCKMERGE_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blockmerge"
-    return base / "hashes.json"
+def cache_path() -> Path | None:
+    """The hash cache file; None where there is no place for one (no ``BLOCKMERGE_CACHE``, no
+    ``XDG_CACHE_HOME`` and no home directory, as for a container user without a passwd entry):
+    then nothing is cached, and nothing fails for it."""
+    env = os.environ.get("BLOCKMERGE_CACHE") or None
+    if env is None:
+        xdg = os.environ.get("XDG_CACHE_HOME") or None
+        if xdg is None:
+            try:
+                xdg = str(Path.home() / ".cache")
+            except (RuntimeError, KeyError, OSError):
+                return None
+        env = str(Path(xdg) / "blockmerge")
+    return Path(env) / "hashes.json"
 
 
 def legacy_hash(path: str | os.PathLike[str]) -> str:
@@ -107,8 +117,11 @@ def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
         key = str(p.resolve())
     except (OSError, RuntimeError, ValueError):
         return None
+    cp = cache_path()
+    if cp is None:
+        return None
     with _LOCK:
-        entry = _load_cache(cache_path()).get(key)
+        entry = _load_cache(cp).get(key)
     if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return FileHashes(str(p), str(entry["sha256"]), str(entry["legacy"]))
     return None
@@ -119,14 +132,14 @@ def file_hashes(path: str | os.PathLike[str], use_cache: bool = True) -> FileHas
     p = Path(path)
     st = check_input_file(p, error=CheckpointError)
     key = str(p.resolve())
-    cp = cache_path()
-    if use_cache and (hit := cached_hashes(p)) is not None:
+    cp = cache_path() if use_cache else None
+    if cp is not None and (hit := cached_hashes(p)) is not None:
         return hit
     try:
         result = FileHashes(str(p), sha256_file(p), legacy_hash(p))
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
-    if use_cache:
+    if cp is not None:
         with _LOCK:
             data = _load_cache(cp)
             data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **asdict(result)}
