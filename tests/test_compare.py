@@ -118,10 +118,19 @@ def test_only_the_merged_block_differs(tiny_sd1_paths, tmp_path: Path) -> None:
     assert all(g.change_a == 0 and g.change_b == 0 for g in same.groups)
 
 
-def test_threads_do_not_change_numbers(tiny_sd1_paths) -> None:
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_threads_do_not_change_numbers(tiny_sd1_paths, torch_threads) -> None:
+    """Bit for bit, whatever the worker count and the caller's intra-op thread count: the workers
+    take the caller's count (a new thread's MKL did not, and with 1 intra-op thread in the caller
+    the workers' dot products summed in another order than the caller's)."""
     a, b, c = tiny_sd1_paths
-    one = compare(a, b, base=c, threads=1).to_json()
-    two = compare(a, b, base=c, threads=3).to_json()
+    old = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        one = compare(a, b, base=c, threads=1).to_json()
+        two = compare(a, b, base=c, threads=3).to_json()
+    finally:
+        torch.set_num_threads(old)
     assert one == two
 
 

@@ -284,3 +284,68 @@ def test_a_full_disk_in_a_workers_write_fails_cleanly(tiny_sd1_paths, tmp_path, 
         merge([a, b], out_dir / "m.safetensors", alpha=0.5, threads=2)
     assert any(n.startswith("blockmerge") for n in seen[5:])
     assert list(out_dir.iterdir()) == []
+
+
+def test_pwrite_all_stops_on_a_filesystem_that_accepts_nothing(tmp_path, monkeypatch) -> None:
+    """A write that returns 0 bytes (a broken FUSE/network filesystem) is an error, not a loop."""
+    import errno
+
+    from blockmerge.io import atomic
+
+    calls = []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 20:
+            raise AssertionError("pwrite_all kept retrying a write of nothing")
+        return 0 if len(calls) > 1 else 3
+
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
+    with pytest.raises(OSError) as e:
+        atomic.pwrite_all(5, b"abcdefgh", 100)
+    assert e.value.errno == errno.EIO and calls == [100, 103]
+
+
+def test_finish_refuses_a_file_shorter_than_what_was_accounted(tmp_path, monkeypatch) -> None:
+    """A tensor accounted as placed but never written (a worker bug) leaves the file short on a
+    filesystem without preallocation: finish() compares the file's own size."""
+    from blockmerge.io import safetensors_io
+
+    out = tmp_path / "short.safetensors"
+    entries = [("a", torch.float16, (4,)), ("b", torch.float16, (6,))]
+    monkeypatch.setattr(safetensors_io, "preallocate", lambda f, size: None)  # as on tmpfs
+    with pytest.raises(RuntimeError, match="the file holds"), atomic_write(out) as f:
+        w = SafetensorsStreamWriter(f, entries)
+        w.place("a", 0, torch.ones(4, dtype=torch.float16))
+        w.write("a", torch.empty(4, dtype=torch.float16, device="meta"), placed=True)
+        w.write("b", torch.empty(6, dtype=torch.float16, device="meta"), placed=True)  # never placed
+        w.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_workers_are_waited_for_even_through_a_second_interrupt() -> None:
+    """The join at the end of a merge survives a signal arriving during it: the running task finishes
+    (it writes into the output file, which is removed right after), then the signal is raised."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockmerge.merge.executor import _shutdown
+
+    done = threading.Event()
+
+    class Once(ThreadPoolExecutor):
+        interrupted = 0
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            if not Once.interrupted:
+                Once.interrupted += 1
+                raise KeyboardInterrupt  # as a SIGINT during the join
+            return super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    ex = Once(max_workers=1)
+    ex.submit(lambda: (time.sleep(0.3), done.set()))
+    queued = ex.submit(done.set)  # not started yet: cancelled
+    with pytest.raises(KeyboardInterrupt):
+        _shutdown(ex)
+    assert done.is_set() and Once.interrupted == 1 and queued.cancelled()

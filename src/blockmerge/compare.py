@@ -24,7 +24,6 @@ import contextlib
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from .architectures import BASE, Architecture, Layout, by_name
 from .errors import BlockmergeError
 from .experiments.heatmap import u_heatmap_svg
+from .merge.executor import worker_pool
 from .merge.nodes import FileSource, is_weight
 
 CHUNK = 1 << 20
@@ -203,7 +203,7 @@ def compare(
                    leave=False)
         groups: dict[str, GroupStats] = {}
         per_key: list[TensorChange] = []
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="compare") as pool:
+        with worker_pool(threads, "compare") as pool:
             results = pool.map(job, keys) if threads > 1 else map(job, keys)
             for k, s in zip(keys, results, strict=True):
                 g = _group_of(arch, k)

@@ -157,8 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="check everything, write nothing")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="write results with inf/NaN values anyway (a warning counts them); default: an error")
-    p.add_argument("--threads", type=THREADS, help="worker threads (default: every core, at most 2, one less while uncached "
-                   "inputs are hashed)")
+    p.add_argument("--threads", type=THREADS, help="worker threads (default: every core, at most 2; one less while uncached "
+                   "inputs are hashed, unless the output bakes a LoRA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_run)
 

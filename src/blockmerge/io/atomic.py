@@ -437,6 +437,8 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:  # a regular file never does this; a broken FUSE/network filesystem could, forever
+            raise OSError(errno.EIO, "the filesystem accepted no bytes of a write")
         view, offset = view[n:], offset + n
 
 

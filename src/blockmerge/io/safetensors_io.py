@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -471,3 +472,6 @@ class SafetensorsStreamWriter:
         if self._pos != self._start + self.total_bytes:  # the file was preallocated to this size
             raise RuntimeError(f"stream writer wrote {self._pos - self._start} bytes, expected {self.total_bytes}")
         self._f.seek(self._pos)  # data went in by position: the file position is where it ends
+        st = os.fstat(self._f.fileno())  # and a tensor accounted but never placed cannot hide at the end
+        if stat.S_ISREG(st.st_mode) and st.st_size != self._pos:
+            raise RuntimeError(f"stream writer: the file holds {st.st_size} bytes, expected {self._pos}")

@@ -211,14 +211,14 @@ class _Worker:
         if t.whole:
             with self.budget.hold(t.hi - t.lo) if self.budget is not None else contextlib.nullcontext():
                 out, n = _cast(t.key, self.source.get(t.key), self.out_dt)
-            if t.hi - t.lo >= TRIM_AT:
-                release_free_memory()
             self._count(n)
             if is_weight(t.key, out.dtype):
                 self._check(t.key, out)
             if self.sink is not None:
                 self.sink(t.key, 0, out)
-                return torch.empty_like(out, device="meta")
+                out = torch.empty_like(out, device="meta")  # the data is freed here, then trimmed
+            if t.hi - t.lo >= TRIM_AT:
+                release_free_memory()
             return out
         scratch = getattr(self.local, "scratch", None)
         if scratch is None:
@@ -261,24 +261,43 @@ def _run_tasks(worker: _Worker, tasks: Sequence[_Task], threads: int, window: in
         for t in tasks:
             yield t, worker.run(t)
         return
-    # Each worker sets the caller's intra-op thread count itself. Why: a new thread's MKL does not
-    # see the main thread's setting, and its matmuls of a few rows then took other kernel paths
-    # than the main thread's (different last bits), so the bytes depended on the worker count.
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blockmerge",
-                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as ex:
-        pending: deque[tuple[_Task, Future]] = deque()
-        try:
-            for t in tasks:
-                pending.append((t, ex.submit(worker.run, t)))
-                if len(pending) >= window:
-                    task, fut = pending.popleft()
-                    yield task, fut.result()
-            while pending:
+    ex = worker_pool(threads, "blockmerge")
+    pending: deque[tuple[_Task, Future]] = deque()
+    try:
+        for t in tasks:
+            pending.append((t, ex.submit(worker.run, t)))
+            if len(pending) >= window:
                 task, fut = pending.popleft()
                 yield task, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+        while pending:
+            task, fut = pending.popleft()
+            yield task, fut.result()
+    finally:
+        _shutdown(ex)
+
+
+def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """Threads for tensor arithmetic, each set to the caller's intra-op thread count. Why: a new
+    thread's MKL does not see the main thread's setting, and its matmuls of a few rows, and its dot
+    products, then took other kernel paths (other last bits), so merge bytes depended on the worker
+    count and ``compare``'s numbers on which thread took which tensor."""
+    return ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=name,
+                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+
+
+def _shutdown(ex: ThreadPoolExecutor) -> None:
+    """Cancel the tasks not started and wait for the running ones, even through a second signal
+    (raised once they are done). Why: workers write into the output file, which the write policy
+    closes and removes right after: a write after that could land in a reused file descriptor."""
+    late: BaseException | None = None
+    while True:
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+            break
+        except BaseException as e:  # KeyboardInterrupt / Interrupted in the middle of the join
+            late = late or e
+    if late is not None:
+        raise late
 
 
 @contextlib.contextmanager
@@ -501,7 +520,8 @@ def write_hashed(
     missing from the cache (then a core is left to the hashing).
     """
     if threads is None:
-        threads = default_workers(compute_bound, hashing=any(cached_hashes(p) is None for p in hash_paths))
+        hashing = not compute_bound and any(cached_hashes(p) is None for p in hash_paths)
+        threads = default_workers(compute_bound, hashing=hashing)
     jobs: list[tuple[Any, Callable[[], Any]]] = [(p, partial(file_hashes, p)) for p in hash_paths]
     hasher = _Hasher([*jobs, *(more_hashes or {}).items()])
     placeholder = make_metadata(None)
