@@ -147,3 +147,54 @@ def test_no_home_directory_means_no_hash_cache_and_no_failure(tmp_path, monkeypa
     assert hashes.cache_path() == tmp_path / "xdg" / "blockmerge" / "hashes.json"
     hashes.file_hashes(f)
     assert hashes.cached_hashes(f) == h
+
+
+def test_addnet_hash_is_cached_beside_the_file_hashes_and_follows_changes(tmp_path, monkeypatch):
+    """A LoRA's addnet hash is computed once per content (path, size, mtime) and kept in the same
+    cache entry as sha256/legacy; either kind of hash added later keeps the other."""
+    import struct
+
+    from blockmerge.io import addnet_hash
+
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "l.safetensors"
+    header = b'{"__metadata__":{"x":"1"}}'
+    data = os.urandom(4096)
+    f.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    want = hashlib.sha256(data).hexdigest()
+    assert addnet_hash(f) == want
+    reads = []
+    real = hashes._addnet
+    monkeypatch.setattr(hashes, "_addnet", lambda p: reads.append(p) or real(p))
+    assert addnet_hash(f) == want and reads == []  # from the cache
+    assert hashes.cached_hashes(f) is None  # an entry with only the addnet hash has no sha256 yet
+    both = file_hashes(f)
+    entry = json.loads(hashes.cache_path().read_text())[str(f.resolve())]
+    assert entry["addnet"] == want and entry["sha256"] == both.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert addnet_hash(f) == want and reads == []  # file_hashes kept it
+    # new content of the same size: the mtime tells; the stale entry is replaced, not merged
+    data2 = os.urandom(4096)
+    f.write_bytes(struct.pack("<Q", len(header)) + header + data2)
+    os.utime(f, ns=(1, 2))
+    assert addnet_hash(f) == hashlib.sha256(data2).hexdigest() and reads == [f]
+    entry = json.loads(hashes.cache_path().read_text())[str(f.resolve())]
+    assert "sha256" not in entry and entry["mtime_ns"] == 2
+    assert addnet_hash(f, use_cache=False) == hashlib.sha256(data2).hexdigest() and len(reads) == 2
+
+
+@pytest.mark.parametrize("bad", [{"addnet": "xyz"}, {"addnet": "0" * 63}, {"sha256": "0" * 64},
+                                 {"size": 1, "mtime_ns": 2}, {"size": "1", "mtime_ns": 2, "addnet": "0" * 64}])
+def test_malformed_cache_entries_are_ignored(tmp_path, monkeypatch, bad):
+    """An entry with a malformed hash, a hash without its size/mtime, or no hash at all is left out
+    (and the hash computed again), never returned."""
+    from blockmerge.io import addnet_hash
+
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"z" * 3000)
+    st = f.stat()
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **bad}
+    hashes.cache_path().parent.mkdir(parents=True)
+    hashes.cache_path().write_text(json.dumps({str(f.resolve()): entry}))
+    assert addnet_hash(f) == hashlib.sha256(b"z" * 3000).hexdigest()
+    assert hashes.cached_hashes(f) is None or hashes.cached_hashes(f).sha256 == hashlib.sha256(b"z" * 3000).hexdigest()

@@ -16,8 +16,10 @@ import os
 import stat
 import struct
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import BlockmergeError, CheckpointError
 from .inputs import check_input_file
@@ -74,14 +76,15 @@ _HEX = frozenset("0123456789abcdef")
 _MAX_CACHE_BYTES = 64 << 20
 
 
+_FIELDS = {"sha256": 64, "legacy": 8, "addnet": 64}  # the hashes an entry may hold, by hex length
+
+
 def _valid_entry(entry: object) -> bool:
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or type(entry.get("size")) is not int or type(entry.get("mtime_ns")) is not int:
         return False
-    sha, legacy = entry.get("sha256"), entry.get("legacy")
-    return (
-        type(entry.get("size")) is int and type(entry.get("mtime_ns")) is int
-        and isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX
-        and isinstance(legacy, str) and len(legacy) == 8 and set(legacy) <= _HEX
+    present = [f for f in _FIELDS if f in entry]
+    return bool(present) and all(
+        isinstance(entry[f], str) and len(entry[f]) == _FIELDS[f] and set(entry[f]) <= _HEX for f in present
     )
 
 
@@ -108,10 +111,9 @@ def _save_cache(p: Path, data: dict[str, dict[str, object]]) -> None:
         write_text(p, json.dumps(data, indent=0, sort_keys=True), overwrite=True)
 
 
-def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
-    """Both hashes of a file if the cache has them for its path, size and mtime; else None (nothing
-    is read but the cache; a file that cannot be checked is None, left to :func:`file_hashes`)."""
-    p = Path(path)
+def _cached(p: Path) -> dict[str, Any] | None:
+    """The cache's entry for the file while its size and mtime still match; None otherwise, without
+    a cache, or for a file that cannot be checked (left to the caller's own check)."""
     try:
         st = p.stat()
         key = str(p.resolve())
@@ -122,44 +124,72 @@ def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
         return None
     with _LOCK:
         entry = _load_cache(cp).get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return FileHashes(str(p), str(entry["sha256"]), str(entry["legacy"]))
+    if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+        return entry
     return None
+
+
+def _remember(p: Path, st: os.stat_result, values: Mapping[str, str]) -> None:
+    """Add ``values`` to the file's cache entry; an entry for another size or mtime is replaced."""
+    cp = cache_path()
+    if cp is None:
+        return
+    key = str(p.resolve())
+    with _LOCK:
+        data = _load_cache(cp)
+        old = data.get(key)
+        same = old is not None and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns
+        data[key] = {**(old if same else {}), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **values}
+        _save_cache(cp, data)
+
+
+def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
+    """Both hashes of a file if the cache has them for its path, size and mtime; else None (nothing
+    is read but the cache)."""
+    entry = _cached(Path(path))
+    if entry is None or "sha256" not in entry or "legacy" not in entry:
+        return None
+    return FileHashes(str(path), str(entry["sha256"]), str(entry["legacy"]))
 
 
 def file_hashes(path: str | os.PathLike[str], use_cache: bool = True) -> FileHashes:
     """Both hashes of a file, from the cache when path, size and mtime still match."""
     p = Path(path)
     st = check_input_file(p, error=CheckpointError)
-    key = str(p.resolve())
-    cp = cache_path() if use_cache else None
-    if cp is not None and (hit := cached_hashes(p)) is not None:
+    if use_cache and (hit := cached_hashes(p)) is not None:
         return hit
     try:
         result = FileHashes(str(p), sha256_file(p), legacy_hash(p))
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
-    if cp is not None:
-        with _LOCK:
-            data = _load_cache(cp)
-            data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **asdict(result)}
-            data[key].pop("path", None)
-            _save_cache(cp, data)
+    if use_cache:
+        _remember(p, st, {"sha256": result.sha256, "legacy": result.legacy})
     return result
 
 
-def addnet_hash(path: str | os.PathLike[str]) -> str:
+def addnet_hash(path: str | os.PathLike[str], use_cache: bool = True) -> str:
     """sha256 of a safetensors file's tensor data, its header left out (kohya's ``sshs_model_hash``,
     A1111's "addnet" hash of LoRAs, whose first 12 hex digits are the infotext's ``Lora hashes``);
     the whole file's sha256 for any other format, as A1111 does.
 
     Why the header is left out: LoRA trainers and editors rewrite the metadata (training tags,
     cover images) without changing a weight, and the hash should still name the same LoRA.
+    Cached beside the file's other hashes (path, size, mtime): finding a LoRA by the hash an
+    infotext gives hashes every LoRA of the folder, and should do it once.
     """
+    p = Path(path)
+    st = check_input_file(p, error=CheckpointError)
+    if use_cache and (entry := _cached(p)) is not None and "addnet" in entry:
+        return str(entry["addnet"])
+    digest = _addnet(p)
+    if use_cache:
+        _remember(p, st, {"addnet": digest})
+    return digest
+
+
+def _addnet(p: Path) -> str:
     from .checkpoint import sniff
 
-    p = Path(path)
-    check_input_file(p, error=CheckpointError)
     if sniff(p) != "safetensors":
         return sha256_file(p)
     h = hashlib.sha256()
