@@ -434,10 +434,9 @@ class SafetensorsStreamWriter:
             raise RuntimeError(
                 f"stream writer expected {want_key} {dtype} {shape}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        n = self._sizes[self._next][1]
-        if n and not placed:
-            self._pwrite(memoryview(_raw_bytes(tensor).numpy()), self._pos)
-        self._wrote(n)
+        if not placed:
+            self.place(key, 0, tensor)
+        self._wrote(self._sizes[self._next][1])
         self._next += 1
 
     def write_part(self, key: str, part: torch.Tensor, last: bool, placed: bool = False) -> None:
@@ -447,8 +446,8 @@ class SafetensorsStreamWriter:
         if key != want_key or part.dtype != dtype:
             raise RuntimeError(f"stream writer expected {want_key} {dtype}, got a part of {key} {part.dtype}")
         n = part.numel() * part.element_size()
-        if n and not placed:
-            self._pwrite(memoryview(_raw_bytes(part).numpy()), self._pos)
+        if not placed:
+            self.place(key, self._part_bytes, part)
         self._wrote(n)
         self._part_bytes += n
         if last:

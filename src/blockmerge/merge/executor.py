@@ -169,10 +169,11 @@ class _Worker:
     """Computes tasks into output buffers from a bounded pool; one Scratch per thread."""
 
     def __init__(self, source: Source, out_dt: torch.dtype, n_buffers: int, allow_non_finite: bool = False,
-                 budget: ElementBudget | None = None,
-                 sink: Callable[[str, int, torch.Tensor], None] | None = None) -> None:
+                 budget: ElementBudget | None = None) -> None:
         self.source = source
-        self.sink = sink  # (key, byte offset, tensor): each result is written by the thread that made it
+        # (key, byte offset, tensor): set by write_source to the writer's ``place``, so each result
+        # is written by the thread that made it; None (ckpt outputs): whole results are returned.
+        self.sink: Callable[[str, int, torch.Tensor], None] | None = None
         self.budget = budget
         self.out_dt = out_dt
         self.local = threading.local()
