@@ -286,6 +286,108 @@ def test_a_full_disk_in_a_workers_write_fails_cleanly(tiny_sd1_paths, tmp_path, 
     assert list(out_dir.iterdir()) == []
 
 
+def _slow_places(monkeypatch, fail_at: int | None = None):
+    """Make every slice write slow (so finished slices queue behind the thread writing) and record
+    who computed and who wrote each slice; optionally fail the ``fail_at``-th write with ENOSPC.
+    Returns (computed, wrote, workers): (key, byte offset) -> thread name (whole tensors' offset is
+    None), and the _Worker made."""
+    import errno
+    import threading
+    import time
+
+    from blockmerge.merge import executor
+
+    monkeypatch.setattr(executor, "SLICE", 1000)  # many slices per tensor
+    computed: dict[tuple[str, int], str] = {}
+    wrote: dict[tuple[str, int], str] = {}
+    workers: list = []
+    real_place, real_run, real_init = SafetensorsStreamWriter.place, executor._Worker.run, executor._Worker.__init__
+
+    def place(self, key, byte_offset, data):
+        if fail_at is not None and len(wrote) + 1 >= fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        time.sleep(0.002)
+        whole = (key, None) in computed
+        wrote[key, None if whole else byte_offset] = threading.current_thread().name
+        return real_place(self, key, byte_offset, data)
+
+    def run(self, t):
+        computed[t.key, None if t.whole else t.lo * self.out_dt.itemsize] = threading.current_thread().name
+        return real_run(self, t)
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        workers.append(self)
+
+    monkeypatch.setattr(SafetensorsStreamWriter, "place", place)
+    monkeypatch.setattr(executor._Worker, "run", run)
+    monkeypatch.setattr(executor._Worker, "__init__", init)
+    return computed, wrote, workers
+
+
+def test_slices_queued_behind_a_slow_write_are_all_written_by_one_thread_at_a_time(
+        tiny_sd1_paths, tmp_path, monkeypatch) -> None:
+    """A worker that finishes a slice while another writes leaves it queued and computes on; the
+    writing thread writes it. Every slice lands once (same bytes as one worker), writes never
+    overlap, and every buffer is back in the pool at the end."""
+    import threading
+
+    from blockmerge.merge.executor import merge
+
+    a, b, _ = tiny_sd1_paths
+    computed, wrote, workers = _slow_places(monkeypatch)
+    active, overlap = [0], [False]
+    guard = threading.Lock()
+    place = SafetensorsStreamWriter.place
+
+    def exclusive(self, key, byte_offset, data):
+        if (key, None) in computed:  # a whole tensor is written by its own worker, beside the slices
+            return place(self, key, byte_offset, data)
+        with guard:
+            active[0] += 1
+            overlap[0] |= active[0] > 1
+        try:
+            return place(self, key, byte_offset, data)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(SafetensorsStreamWriter, "place", exclusive)
+    one = merge([a, b], tmp_path / "one.safetensors", alpha="0.3,IN04=0.9", threads=1).output
+    computed.clear()
+    wrote.clear()
+    two = merge([a, b], tmp_path / "two.safetensors", alpha="0.3,IN04=0.9", threads=2).output
+    assert one.read_bytes() == two.read_bytes()
+    assert set(wrote) == set(computed) and len(wrote) > 100
+    handed = [k for k in computed if wrote[k] != computed[k]]
+    assert handed, "no slice was ever queued for the writing thread"
+    assert not overlap[0], "two slice writes ran at once"
+    for w in workers:
+        assert w.pool.qsize() == w.n_buffers and w._queued.empty()
+
+
+def test_a_failed_queued_write_stops_the_merge_and_returns_every_buffer(tiny_sd1_paths, tmp_path, monkeypatch) -> None:
+    """A disk-full error in a write that another worker queued is the command's one error; the
+    queued slices behind it are dropped with their buffers returned (no worker waits forever for
+    one), and no file is left behind. Failing at several points covers a failure in the first,
+    a middle and a late write."""
+    from blockmerge.errors import BlockmergeError
+    from blockmerge.merge.executor import merge
+
+    a, b, _ = tiny_sd1_paths
+    for at in (1, 7, 60):
+        out_dir = tmp_path / f"o{at}"
+        out_dir.mkdir()
+        with monkeypatch.context() as mp:
+            _, wrote, workers = _slow_places(mp, fail_at=at)
+            with pytest.raises(BlockmergeError, match="disk full"):
+                merge([a, b], out_dir / "m.safetensors", alpha=0.5, threads=2)
+        assert len(wrote) == at - 1
+        assert list(out_dir.iterdir()) == []
+        w = workers[-1]
+        assert w.pool.qsize() == w.n_buffers and w._queued.empty()
+
+
 def test_pwrite_all_stops_on_a_filesystem_that_accepts_nothing(tmp_path, monkeypatch) -> None:
     """A write that returns 0 bytes (a broken FUSE/network filesystem) is an error, not a loop."""
     import errno
