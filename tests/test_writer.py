@@ -408,21 +408,43 @@ def test_pwrite_all_stops_on_a_filesystem_that_accepts_nothing(tmp_path, monkeyp
     assert e.value.errno == errno.EIO and calls == [100, 103]
 
 
-def test_finish_refuses_a_file_shorter_than_what_was_accounted(tmp_path, monkeypatch) -> None:
-    """A tensor accounted as placed but never written (a worker bug) leaves the file short on a
-    filesystem without preallocation: finish() compares the file's own size."""
+@pytest.fixture
+def shm_dir():
+    """A folder on a memory-backed filesystem (Linux's /dev/shm), removed afterwards."""
+    import shutil
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("tmpfs at /dev/shm is Linux's")
+    folder = Path(tempfile.mkdtemp(prefix="bm-test-", dir="/dev/shm"))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        assert memory_backed(fd), "/dev/shm is not memory-backed here"
+    finally:
+        os.close(fd)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["disk without preallocation", "preallocated disk", "tmpfs"])
+def test_finish_refuses_a_tensor_accounted_but_never_placed(tmp_path, monkeypatch, request, where) -> None:
+    """A tensor accounted as placed but never written (a worker bug) is refused by finish(), also
+    where the file's size cannot give it away (a preallocated disk file has its full size from the
+    start): the writer counts the bytes placed."""
     from blockmerge.io import safetensors_io
 
-    out = tmp_path / "short.safetensors"
+    folder = request.getfixturevalue("shm_dir") if where == "tmpfs" else tmp_path
+    out = folder / "short.safetensors"
     entries = [("a", torch.float16, (4,)), ("b", torch.float16, (6,))]
-    monkeypatch.setattr(safetensors_io, "preallocate", lambda f, size: None)  # as on tmpfs
-    with pytest.raises(RuntimeError, match="the file holds"), atomic_write(out) as f:
+    if where == "disk without preallocation":
+        monkeypatch.setattr(safetensors_io, "preallocate", lambda f, size: None)
+    with pytest.raises(RuntimeError, match="placed 8 bytes of tensor data, expected 20"), atomic_write(out) as f:
         w = SafetensorsStreamWriter(f, entries)
         w.place("a", 0, torch.ones(4, dtype=torch.float16))
         w.write("a", torch.empty(4, dtype=torch.float16, device="meta"), placed=True)
         w.write("b", torch.empty(6, dtype=torch.float16, device="meta"), placed=True)  # never placed
         w.finish()
-    assert list(tmp_path.iterdir()) == []
+    assert list(folder.iterdir()) == []
 
 
 def test_the_workers_are_waited_for_even_through_a_second_interrupt() -> None:

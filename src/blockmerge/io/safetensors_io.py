@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -410,6 +411,8 @@ class SafetensorsStreamWriter:
             at += n
         self._pwrite = getattr(f, "pwrite", None) or partial(pwrite_all, f.fileno())
         self._writeback = EarlyWriteback(f)
+        self._placed = 0  # bytes of tensor data placed, checked by finish()
+        self._placed_lock = threading.Lock()
         self._next = 0
         self._part_bytes = 0  # bytes written so far of the tensor being written in parts
 
@@ -423,6 +426,8 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"stream writer: {raw.numel()} bytes at {byte_offset} do not fit in {key}")
         if raw.numel():
             self._pwrite(memoryview(raw.numpy()), start + byte_offset)
+            with self._placed_lock:
+                self._placed += raw.numel()
 
     def _wrote(self, n: int) -> None:
         self._pos += n
@@ -468,6 +473,9 @@ class SafetensorsStreamWriter:
     def finish(self) -> None:
         if self._next != len(self._entries):
             raise RuntimeError(f"stream writer got {self._next} of {len(self._entries)} tensors")
+        if self._placed != self.total_bytes - self.header_len:  # a tensor accounted as placed never was
+            raise RuntimeError(f"stream writer placed {self._placed} bytes of tensor data, expected "
+                               f"{self.total_bytes - self.header_len}")
         if self._pos != self._start + self.total_bytes:  # the file was preallocated to this size
             raise RuntimeError(f"stream writer wrote {self._pos - self._start} bytes, expected {self.total_bytes}")
         self._f.seek(self._pos)  # data went in by position: the file position is where it ends
