@@ -285,22 +285,30 @@ def main() -> None:
         (out_dir / fname).unlink(missing_ok=True)
     time.sleep(a.settle)  # the disk-speed probe just freed 512 MB of page cache
     try:
-        for rep in range(a.repeat):  # interleaved: A B C A B C, so load drifts hit all alike
-            for name, fname, extra, cache in contenders:
+        for rep in range(a.repeat):
+            # Interleaved, and the order rotated each round (A B C, B C A, C A B ...): on this VM
+            # what a run pays for fresh memory depends on what the run before it freed, so each
+            # contender follows each other one equally often (with a fixed order, blockmerge with
+            # cached hashes always followed blockmerge without, and load-everything followed it).
+            k = rep % len(contenders)
+            for name, fname, extra, cache in contenders[k:] + contenders[:k]:
                 child = name.split(" ")[0]
                 out = out_dir / fname
                 m = _run([child, str(base), str(lora), str(out), *extra], out, cache)
                 runs.setdefault(name, []).append(m)
                 print(f"{name}: {m.wall_s:.1f} s, {common.fmt_bytes(m.max_rss)} (load {m.load_before:.1f})", flush=True)
-                if rep < a.repeat - 1 or name not in ("apply-blockmerge", "apply-load-everything"):
-                    out.unlink()  # the last two are compared below
+                out.unlink()  # no run starts with another's output still in memory
                 # Every contender starts with no memory freed just before it. Why: on this VM
                 # (Firecracker, virtio-balloon free page reporting) pages freed a moment ago are
                 # reused cheaply, pages freed seconds ago were handed back to the host and fault
                 # again at ~1 s per GB, so whoever ran right after an output was deleted got its
                 # 2.1 GB cheaply (a 2x spread in the same contender's times).
                 time.sleep(a.settle)
-        # agreement: applied weights within fp16 rounding of each other
+        # agreement: applied weights within fp16 rounding of each other (one more run of each, untimed:
+        # an output kept during the timed runs made the runs after it pay for 2.1 GB of fresh memory)
+        for name, fname, extra, cache in contenders:
+            if name in ("apply-blockmerge", "apply-load-everything"):
+                _run([name, str(base), str(lora), str(out_dir / fname), *extra], out_dir / fname, cache)
         from safetensors.torch import load_file
 
         x, y = load_file(str(out_dir / "apply_bm.safetensors")), load_file(str(out_dir / "apply_le.safetensors"))
