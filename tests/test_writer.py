@@ -305,6 +305,7 @@ def _slow_places(monkeypatch, fail_at: int | None = None):
 
     def place(self, key, byte_offset, data):
         if fail_at is not None and len(wrote) + 1 >= fail_at:
+            time.sleep(0.05)  # the other worker queues slices meanwhile, behind the failing write
             raise OSError(errno.ENOSPC, "No space left on device")
         time.sleep(0.002)
         whole = (key, None) in computed

@@ -403,7 +403,9 @@ class SafetensorsStreamWriter:
         preallocate(f, self._start + self.total_bytes)
         f.write(head)
         f.flush()  # before any positional write: the buffered header must not land after them
-        self._pos = self._start + self.header_len  # the file is complete up to here
+        # accounted up to here (in file order; a part accounted as placed may still be on its way:
+        # finish() checks that every byte was placed)
+        self._pos = self._start + self.header_len
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file offset of its data, byte size)
         at = self._pos
         for key, n in self._sizes:

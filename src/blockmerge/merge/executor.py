@@ -188,7 +188,7 @@ class _Worker:
         # finished slices (key, byte offset, data, its pool buffer) waiting for the thread now writing
         self._queued: queue.SimpleQueue[tuple[str, int, torch.Tensor, torch.Tensor]] = queue.SimpleQueue()
         self._writing = threading.Lock()
-        self._write_failed = False
+        self._failure: BaseException | None = None  # the first failed write: later tasks stop with it
 
     def _count(self, n: int) -> None:
         if n:
@@ -212,8 +212,12 @@ class _Worker:
         )
 
     def run(self, t: _Task) -> torch.Tensor:
-        """The task's result; when the sink has written it, only its shape and dtype (a meta tensor),
-        so finished tasks hold no memory while they wait to be accounted in file order."""
+        """The task's result; with a sink, only its shape and dtype (a meta tensor), so finished
+        tasks hold no memory while they wait to be accounted in file order. A slice may then still
+        wait in the write queue (see :meth:`_emit`); every queued slice is written before the last
+        task that queued one returns, so once all tasks are done, all their bytes are in the file."""
+        if self._failure is not None:  # a write failed: the output is lost, compute nothing more
+            raise self._failure
         if t.whole:
             with self.budget.hold(t.hi - t.lo) if self.budget is not None else contextlib.nullcontext():
                 out, n = _cast(t.key, self.source.get(t.key), self.out_dt)
@@ -259,10 +263,10 @@ class _Worker:
         queued while it held the lock is seen by that look). Once a write failed the rest are
         dropped, their buffers returned, so no worker waits forever for one."""
         self._queued.put((key, offset, view, buf))
-        while not self._queued.empty():
-            if not self._writing.acquire(blocking=False):
-                return
-            failure: BaseException | None = None
+        failure: BaseException | None = None
+        # The look at the queue after each release also runs after a failure: skipping it left
+        # slices queued meanwhile with no thread to drop them, and their buffers out of the pool.
+        while not self._queued.empty() and self._writing.acquire(blocking=False):
             try:
                 while True:
                     try:
@@ -270,17 +274,17 @@ class _Worker:
                     except queue.Empty:
                         break
                     try:
-                        if not self._write_failed:
+                        if self._failure is None:
                             self.sink(k, o, v)  # type: ignore[misc]
                     except BaseException as e:
-                        self._write_failed = True
+                        self._failure = e
                         failure = failure or e
                     finally:
                         self.pool.put(b)
             finally:
                 self._writing.release()
-            if failure is not None:
-                raise failure
+        if failure is not None:
+            raise failure
 
     def warn(self, report: Any) -> None:
         """Add what the output's writing did beyond the arithmetic to a merge report: values clamped
@@ -381,8 +385,8 @@ def write_source(
     ``finalize_metadata``, if given, is called after the tensors are written and must return metadata
     no longer than ``metadata`` (fixed-width hashes computed meanwhile). ``stats``, if given, gets
     ``clamped``: how many values a float8 output clamped to its range. ``on_progress(done, total)``
-    (bytes) is called as slices are written; an exception it raises (a UI's "cancel") stops the
-    write, and the write policy removes the temporary file.
+    (bytes) is called as slices are done (written, or queued for the thread writing); an exception
+    it raises (a UI's "cancel") stops the write, and the write policy removes the temporary file.
     """
     out = Path(output)
     out_dt = output_dtype(dtype)
@@ -436,7 +440,7 @@ def write_source(
                 # closing(): on an error here the workers stop before the file is removed.
                 worker.sink = writer.place
                 with contextlib.closing(_run_tasks(worker, tasks, threads, PLACED_WINDOW)) as done_tasks:
-                    for t, shape in done_tasks:  # meta tensors: the bytes are in the file already
+                    for t, shape in done_tasks:  # meta tensors: the bytes are written (or queued, see _Worker.run)
                         if t.whole:
                             writer.write(t.key, shape, placed=True)
                         else:
