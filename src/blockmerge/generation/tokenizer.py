@@ -20,6 +20,8 @@ from importlib import resources
 from typing import Any
 
 import ftfy
+import regex
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 from blockmerge.errors import BlockmergeError
@@ -32,6 +34,7 @@ __all__ = [
     "CleanCLIPTokenizer",
     "clean_text",
     "clip_vocab_and_merges",
+    "clip_words",
     "load_clip_tokenizer",
 ]
 
@@ -96,20 +99,56 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
+#: SimpleTokenizer's word pattern, matched case-insensitively as SimpleTokenizer (and transformers'
+#: Python CLIPTokenizer) match it; ``regex``, not ``re``, for ``\p{L}``/``\p{N}``.
+_CLIP_WORDS = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_SPACES = regex.compile(r"\s+")
+
+
+def clip_words(text: str) -> str:
+    """The pieces OpenAI's ``SimpleTokenizer`` cuts ``text`` into before BPE, joined by single spaces:
+    :func:`clean_text`, whitespace runs collapsed, lower-cased (Python's ``str.lower``), then its
+    word pattern found case-insensitively. Each piece becomes BPE word(s) ending in ``</w>``.
+
+    Why here and not in the ``tokenizers`` pipeline: that one (NFC, whitespace runs, Rust lower-casing,
+    then the same pattern matched case-sensitively) cuts some text differently. U+0345 (combining
+    ypogegrammeni, which ftfy makes of the mojibake "Í" + U+0085) case-folds to a letter, so the
+    case-insensitive pattern drops it and the case-sensitive one kept it; "'ſ" (long s) is one
+    piece case-insensitively and two otherwise; NFC after the HTML unescaping composed "e&#769;"
+    into one letter. The ids then differed from CLIP's own for those prompts.
+    """
+    text = _SPACES.sub(" ", clean_text(text)).strip().lower()
+    return " ".join(_CLIP_WORDS.findall(text))
+
+
 def _clean_batch(text: Any) -> Any:
     if isinstance(text, str):
-        return clean_text(text)
+        return clip_words(text)
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-        return [clean_text(t) for t in text]
+        return [clip_words(t) for t in text]
     return text  # pre-tokenised input or pairs: the caller chose the pieces, leave them alone
 
 
 class CleanCLIPTokenizer(CLIPTokenizer):
-    """``CLIPTokenizer`` that applies :func:`clean_text` to its input first.
+    """``CLIPTokenizer`` that cuts its input into CLIP's words first (:func:`clip_words`), then
+    only splits on the spaces between them and applies BPE (no normalizer of its own, and the
+    byte-level step without its GPT-2 pattern, which would cut "'ſ" again).
 
     Every encoding entry point (``__call__``, ``encode``, ``tokenize``, batches) goes through
-    ``_encode_plus``, so that is the one place the cleaning is hooked in.
+    ``_encode_plus``, so that is the one place the cutting is hooked in.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        backend = self.backend_tokenizer
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(" ", behavior="removed"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
 
     def _encode_plus(self, text: Any, text_pair: Any = None, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.get("is_split_into_words", False):
