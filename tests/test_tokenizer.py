@@ -100,6 +100,36 @@ def tokenizer():
     return load_clip_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def reference_transformers(reference):
+    """transformers' Python ``CLIPTokenizer`` (transformers 4.x), which A1111 tokenizes CLIP ViT-L with:
+    its ``_tokenize`` is ``whitespace_clean(ftfy.fix_text(text)).lower()`` and then SimpleTokenizer's
+    pattern and BPE, i.e. SimpleTokenizer with ftfy alone as the cleaning (no html.unescape)."""
+    import ftfy
+
+    module = sys.modules[type(reference).__module__]
+
+    class Transformers:
+        def encode(self, text: str) -> list[int]:
+            real = module.basic_clean
+            module.basic_clean = ftfy.fix_text
+            try:
+                return reference.encode(text)
+            finally:
+                module.basic_clean = real
+
+    return Transformers()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_a1111_clip_l():
+    return load_clip_tokenizer(unescape_html=False)
+
+
+# ftfy unescapes entities itself unless the text holds "<": there the two cleanings part ways
+HTML_CASES = ["<b> &amp; c", "a <lora:x:1> &lt;3 &amp;amp;", "&amp; R&amp;B", "x < y &gt; z", "<&#769;e>"]
+
+
 def _content_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text).input_ids
     assert ids[0] == 49406 and ids[-1] == 49407, "BOS/EOS must wrap the content"
@@ -150,9 +180,43 @@ _TRICKY = ("\u0345\u017f\u212a\u0130\u1e9e\u03a3\u03c2\u1f88\u0301\u0308\u0307'&
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(_TRICKY), max_size=24))
+@given(text=st.text(alphabet=st.sampled_from(_TRICKY + "<>"), max_size=24))
 def test_matches_reference_where_cutting_is_tricky(tokenizer, reference, text: str) -> None:
     assert _content_ids(tokenizer, text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("text", CASES + HTML_CASES)
+def test_clip_l_as_a1111_matches_transformers_tokenizer(tokenizer_a1111_clip_l, reference_transformers, text):
+    assert _content_ids(tokenizer_a1111_clip_l, text) == reference_transformers.encode(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(_TRICKY + "<>;amplt"), max_size=24))
+def test_clip_l_as_a1111_matches_transformers_on_tricky_text(tokenizer_a1111_clip_l, reference_transformers,
+                                                             text: str) -> None:
+    assert _content_ids(tokenizer_a1111_clip_l, text) == reference_transformers.encode(text)
+
+
+def test_the_two_cleanings_differ_only_where_ftfy_leaves_entities(tokenizer, tokenizer_a1111_clip_l) -> None:
+    """The flags matter: with "<" in the text, OpenAI's (and open_clip's) cleaning unescapes and
+    transformers' does not; without it, ftfy unescapes for both."""
+    assert _content_ids(tokenizer, "<b> &amp; c") != _content_ids(tokenizer_a1111_clip_l, "<b> &amp; c")
+    assert clean_text("<b> &amp; c") == "<b> & c" and clean_text("<b> &amp; c", unescape_html=False) == "<b> &amp; c"
+    assert _content_ids(tokenizer, "R&amp;B") == _content_ids(tokenizer_a1111_clip_l, "R&amp;B")
+
+
+def test_pipelines_tokenize_each_encoder_as_a1111(tiny_sd1_paths, tiny_sd2_paths, tiny_sdxl_paths) -> None:
+    """CLIP ViT-L (SD1, SDXL's first encoder) without HTML unescaping, the OpenCLIP encoders (SD2,
+    SDXL's second) with it, as A1111 tokenizes them."""
+    from blockmerge.generation.loader import load_pipeline
+
+    seen = {}
+    for arch, path in (("SD1", tiny_sd1_paths[0]), ("SD2", tiny_sd2_paths[0]), ("SDXL", tiny_sdxl_paths[0])):
+        pipe = load_pipeline(path, device="cpu").pipeline
+        toks = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        seen[arch] = [(t.unescape_html, t.pad_token) for t in toks]
+    assert seen == {"SD1": [(False, "<|endoftext|>")], "SD2": [(True, "!")],
+                    "SDXL": [(False, "<|endoftext|>"), (True, "!")]}
 
 
 def test_padding_and_truncation_sd1() -> None:

@@ -232,7 +232,10 @@ def load_pipeline(
     zero_snr = prediction == "v_prediction" and arch.is_copied(ZTSNR_MARKER) and ZTSNR_MARKER in all_keys
 
     max_len = int(configs.text_encoders[0].config["max_position_embeddings"])
-    tokenizers = [load_clip_tokenizer(max_length=max_len, pad_token=s.pad_token) for s in configs.text_encoders]
+    # As A1111 tokenizes: transformers' CLIPTokenizer for CLIP ViT-L (no HTML unescaping), open_clip's
+    # SimpleTokenizer for the OpenCLIP encoders (with it)
+    tokenizers = [load_clip_tokenizer(max_length=max_len, pad_token=s.pad_token, unescape_html=s.kind == "open_clip")
+                  for s in configs.text_encoders]
     # The pipeline object wants a scheduler; blockmerge samples with A1111's loop (generate.py) and
     # never calls it. This one (diffusers' Euler ancestral on k-diffusion's linspace timesteps) makes
     # the pipeline usable on its own, as the tiny-model quality measurements use it.

@@ -89,14 +89,22 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     return vocab, merges  # type: ignore[return-value]
 
 
-def clean_text(text: str) -> str:
+def clean_text(text: str, unescape_html: bool = True) -> str:
     """CLIP's own text cleaning: ftfy repair, HTML entities unescaped (twice), outer spaces stripped.
 
     ``transformers.CLIPTokenizer`` (the ``tokenizers``-backed class) only does NFC, whitespace
     collapsing and lower-casing, so without this step ``"a &amp; b"`` or mojibake such as
     ``"cafÃ©"`` would give other ids than the tokenizer CLIP was trained with.
+
+    ``unescape_html=False`` is the cleaning of transformers' Python ``CLIPTokenizer`` (ftfy only),
+    which A1111 tokenizes SD1's and SDXL's first text encoder with: there ``"&amp;"`` stays three
+    words. Its OpenCLIP encoders (SD2, SDXL's second) go through open_clip's ``SimpleTokenizer``,
+    which unescapes as OpenAI's does.
     """
-    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = ftfy.fix_text(text)
+    if unescape_html:
+        text = html.unescape(html.unescape(text))
+    return text.strip()
 
 
 #: SimpleTokenizer's word pattern, matched case-insensitively as SimpleTokenizer (and transformers'
@@ -108,7 +116,7 @@ _CLIP_WORDS = regex.compile(
 _SPACES = regex.compile(r"\s+")
 
 
-def clip_words(text: str) -> str:
+def clip_words(text: str, unescape_html: bool = True) -> str:
     """The pieces OpenAI's ``SimpleTokenizer`` cuts ``text`` into before BPE, joined by single spaces:
     :func:`clean_text`, whitespace runs collapsed, lower-cased (Python's ``str.lower``), then its
     word pattern found case-insensitively. Each piece becomes BPE word(s) ending in ``</w>``.
@@ -120,15 +128,15 @@ def clip_words(text: str) -> str:
     piece case-insensitively and two otherwise; NFC after the HTML unescaping composed "e&#769;"
     into one letter. The ids then differed from CLIP's own for those prompts.
     """
-    text = _SPACES.sub(" ", clean_text(text)).strip().lower()
+    text = _SPACES.sub(" ", clean_text(text, unescape_html)).strip().lower()
     return " ".join(_CLIP_WORDS.findall(text))
 
 
-def _clean_batch(text: Any) -> Any:
+def _clean_batch(text: Any, unescape_html: bool) -> Any:
     if isinstance(text, str):
-        return clip_words(text)
+        return clip_words(text, unescape_html)
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-        return [clip_words(t) for t in text]
+        return [clip_words(t, unescape_html) for t in text]
     return text  # pre-tokenised input or pairs: the caller chose the pieces, leave them alone
 
 
@@ -141,8 +149,9 @@ class CleanCLIPTokenizer(CLIPTokenizer):
     ``_encode_plus``, so that is the one place the cutting is hooked in.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, unescape_html: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.unescape_html = unescape_html  # see clean_text
         backend = self.backend_tokenizer
         backend.normalizer = None
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -152,14 +161,17 @@ class CleanCLIPTokenizer(CLIPTokenizer):
 
     def _encode_plus(self, text: Any, text_pair: Any = None, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.get("is_split_into_words", False):
-            text = _clean_batch(text)
+            text = _clean_batch(text, self.unescape_html)
             if text_pair is not None:
-                text_pair = _clean_batch(text_pair)
+                text_pair = _clean_batch(text_pair, self.unescape_html)
         return super()._encode_plus(text, text_pair, *args, **kwargs)
 
 
-def load_clip_tokenizer(max_length: int = 77, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+def load_clip_tokenizer(max_length: int = 77, pad_token: str = EOS_TOKEN, unescape_html: bool = True) -> CLIPTokenizer:
     """Build the CLIP tokenizer offline, with ``model_max_length = max_length``.
+
+    ``unescape_html``: whether HTML entities in the text are unescaped first (see :func:`clean_text`:
+    A1111 does for OpenCLIP encoders, not for CLIP ViT-L).
 
     ``pad_token`` is ``"<|endoftext|>"`` for SD1 and SDXL's first text encoder and ``"!"``
     (:data:`OPENCLIP_PAD_TOKEN`) for SD2 and SDXL's second one. A fresh object is returned on every
@@ -175,4 +187,5 @@ def load_clip_tokenizer(max_length: int = 77, pad_token: str = EOS_TOKEN) -> CLI
         merges=list(merges),
         pad_token=pad_token,
         model_max_length=max_length,
+        unescape_html=unescape_html,
     )
