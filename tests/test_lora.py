@@ -976,3 +976,130 @@ def test_flux_kohya_lora_by_block_with_lbws_61_values(tmp_path) -> None:
     changed = {k for k in a if not torch.equal(a[k], got[k])}
     assert changed and {arch.block_of(k) for k in changed} == {"D00", "S05"}
     assert max(float((got[k].double() - exp[k]).abs().max()) for k in a) < 1e-5
+
+
+# ---- malformed LoRAs and arguments (adversarial probe, session 6) --------------------------------
+
+
+def _outline_lora() -> dict[str, torch.Tensor]:
+    from blockmerge.models import find_bundled_lora
+
+    return load_file(str(find_bundled_lora("tiny-b-outline")))
+
+
+def _corrupt(sd: dict[str, torch.Tensor], how: str, rng) -> tuple[dict[str, torch.Tensor], str]:
+    """A copy of a LoRA with one module (picked by ``rng``) broken in way ``how``; its name."""
+    sd = {k: v.clone() for k, v in sd.items()}
+    mods = sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")})
+    m = rng.choice(mods)
+    up, down = sd[f"{m}.lora_up.weight"], sd[f"{m}.lora_down.weight"]
+    r = down.shape[0]
+    if how == "rank mismatch":
+        sd[f"{m}.lora_down.weight"] = down[: rng.randint(1, r - 1)].contiguous()
+    elif how == "zero rank":
+        sd[f"{m}.lora_down.weight"] = down[:0].contiguous()
+        sd[f"{m}.lora_up.weight"] = up[:, :0].contiguous()
+    elif how == "alpha of several values":
+        sd[f"{m}.alpha"] = torch.ones(rng.randint(2, 5))
+    elif how in ("nan alpha", "inf alpha"):
+        sd[f"{m}.alpha"] = torch.tensor(float("nan") if how == "nan alpha" else float("-inf"))
+    elif how == "nan factor":
+        flat = up.reshape(-1)
+        flat[rng.randrange(flat.numel())] = float("nan")
+    return sd, m
+
+
+MALFORMED = ["rank mismatch", "zero rank", "alpha of several values", "nan alpha", "inf alpha"]
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+def test_a_malformed_module_is_refused_by_every_lora_command_naming_file_and_module(tmp_path, capsys, how) -> None:
+    """Factors that cannot make a ΔW, or a scale that is not one finite number, in a random module:
+    opening the LoRA names the file and the module, and apply, merge (both modes), resize, blocks,
+    info and an in-place sweep all stop with that one-line error (exit 2), writing nothing. Before,
+    some crashed deep in their arithmetic ("internal error") and merge wrote a broken LoRA."""
+    import random
+
+    from blockmerge.lora.formats import open_lora
+
+    rng = random.Random(how)
+    sd, module = _corrupt(_outline_lora(), how, rng)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(CheckpointError) as e:
+        open_lora(bad)
+    assert str(bad) in str(e.value) and module in str(e.value)
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["lora", "apply", "tiny-a", bad, "-o", out / "a.safetensors"],
+                 ["lora", "merge", "tiny-b-outline", bad, "-o", out / "m.safetensors"],
+                 ["lora", "merge", "tiny-b-outline", bad, "--rank", "4", "-o", out / "m.safetensors"],
+                 ["lora", "resize", bad, "--rank", "4", "-o", out / "r.safetensors"],
+                 ["blocks", bad], ["info", bad, "--no-hash"],
+                 ["sweep", "tiny-a", "--lora", bad, "-o", out / "s", "--prompt", "a red circle", "--steps", "1",
+                  "--blocks", "IN01"]):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("blockmerge: error: "), (argv, err)
+        assert module in lines[0], (argv, err)
+        assert list(out.iterdir()) == [], argv
+
+
+def test_non_finite_factors_are_never_written_into_a_lora(tmp_path, capsys) -> None:
+    """A NaN in a LoRA's factors: merging (concatenated or re-factored) and resizing refuse it, and
+    write nothing; the LoRA writer itself refuses any non-finite tensor."""
+    import random
+
+    from blockmerge.lora.writer import write_lora
+    from blockmerge.merge.executor import NonFiniteError
+
+    rng = random.Random(7)
+    for trial in range(3):
+        sd, module = _corrupt(_outline_lora(), "nan factor", rng)
+        bad = tmp_path / f"nan{trial}.safetensors"
+        save_file(sd, str(bad))
+        out = tmp_path / f"out{trial}"
+        out.mkdir()
+        for argv in (["lora", "merge", "tiny-b-outline", bad, "-o", out / "m.safetensors"],
+                     ["lora", "merge", "tiny-b-outline", bad, "--rank", "4", "-o", out / "m.safetensors"],
+                     ["lora", "resize", bad, "--rank", "4", "-o", out / "r.safetensors"]):
+            code = main([str(a) for a in argv])
+            err = capsys.readouterr().err
+            assert code == 2 and "non-finite" in err and module in err and err.count("\n") == 1, (argv, err)
+            assert list(out.iterdir()) == [], argv
+    with pytest.raises(NonFiniteError, match="x.lora_up.weight"):
+        write_lora(tmp_path / "w.safetensors", {"x.lora_up.weight": torch.tensor([[1.0, float("inf")]]),
+                                                "x.lora_down.weight": torch.ones(2, 2)}, {})
+    with pytest.raises(NonFiniteError, match="fp16"):  # finite in float32, inf once cast
+        write_lora(tmp_path / "w.safetensors", {"x.lora_up.weight": torch.tensor([[1e6]])}, {})
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_lora_arguments_that_name_nothing_usable_are_clear_errors(tmp_path, capsys) -> None:
+    """A folder or a FIFO given as a LoRA says what it is; --lora-dir must be a folder even when the
+    LoRA is a path; merge's --conv-rank needs --rank; extract of two identical models has nothing to
+    extract; extract's --device must be one this machine has."""
+    import os
+
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    out = tmp_path / "o.safetensors"
+    cases = [
+        (["lora", "apply", "tiny-a", folder, "-o", out], "is a folder, not a file"),
+        (["lora", "apply", "tiny-a", f"{folder}:0.5", "-o", out], "is a folder, not a file"),
+        (["lora", "merge", f"{fifo}:0.5", "tiny-b-outline", "-o", out], "FIFO"),
+        (["lora", "apply", "tiny-a", "tiny-b-outline", "--lora-dir", tmp_path / "nodir", "-o", out],
+         "--lora-dir"),
+        (["lora", "merge", "tiny-b-outline", "tiny-b-outline", "--conv-rank", "4", "-o", out], "only with --rank"),
+        (["lora", "extract", "tiny-a", "tiny-a", "--rank", "4", "-o", out], "nothing to extract"),
+        (["lora", "extract", "tiny-b", "tiny-a", "--rank", "4", "--device", "bogus", "-o", out], "--device"),
+    ]
+    for argv, must in cases:
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and must in lines[0], (argv, err)
+        assert not out.exists(), argv

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import THREADS, int_range, output_file, printable
+from .common import THREADS, device, int_range, output_file, printable
 
 RANK = int_range(1, 100_000)
 
@@ -156,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--min-diff", type=float, default=0.01,
                    help="extract the text encoders only if a weight there differs by more (default 0.01)")
     e.add_argument("--blocks", metavar="SPEC", help="weight spec: blocks at 0 are left out, others scale ΔW")
-    e.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+    e.add_argument("--device", type=device, default="cpu", help="where the SVDs run (cpu, cuda)")
     e.add_argument("--presets", action="append", metavar="FILE", help="extra preset file")
     e.set_defaults(func=cmd_lora_extract)
 

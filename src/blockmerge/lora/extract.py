@@ -166,8 +166,9 @@ def extract_lora(
     out = Path(output)
     check_output_path(out, [Path(tuned), Path(base)], overwrite)
     with contextlib.ExitStack() as stack:
-        t_src, b_src = FileSource(tuned), FileSource(base)
+        t_src = FileSource(tuned)  # each closed even when the next fails to open
         stack.callback(t_src.close)
+        b_src = FileSource(base)
         stack.callback(b_src.close)
         arch = t_src.arch
         if b_src.arch is not arch:
@@ -216,7 +217,7 @@ def extract_lora(
             e[0] += f.kept
             e[1] += f.total
             k = f.up.shape[1]
-            if k == 0:
+            if k == 0 or f.total == 0.0:  # no difference here: a module of zeros would only add noise to files
                 continue
             up, down = f.up.float().cpu(), f.down.float().cpu()
             _clamp(up, down, clamp_quantile)

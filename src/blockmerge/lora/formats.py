@@ -247,6 +247,81 @@ class LoraFile:
         self.close()
 
 
+_SCALARS = ("alpha", "scale")
+
+
+def _check_module(path: Path, reader: object, m: LoraModule) -> None:
+    """Refuse a module whose tensors cannot make a ΔW, naming the file and module, before any
+    command uses it: every command (apply, merge, resize, blocks, sweeps) then meets only modules
+    that work, instead of an error deep in its own arithmetic, or a merged file as broken.
+
+    ``alpha``/``scale`` must be one finite number (A1111 would scale by NaN and draw black). The
+    factors' shapes are checked by running the module's own formula (:func:`module_delta`) on meta
+    tensors, which carry shapes and no data: one rule for every kind, and the same one that runs.
+    """
+    info = reader.info  # type: ignore[attr-defined]
+    where = f"{path}: module {m.name}"
+    tensors: dict[str, torch.Tensor] = {}
+    for role, key in m.keys.items():
+        shape = tuple(info(key).shape)
+        if role in _SCALARS:
+            if _numel(shape) != 1:
+                raise CheckpointError(f"{where}: its {role} holds {_numel(shape)} values, not one number")
+            value = float(reader.get(key).reshape(-1)[0])  # type: ignore[attr-defined]
+            if value != value or value in (float("inf"), float("-inf")):
+                raise CheckpointError(f"{where}: its {role} is {value}, not a finite number")
+            tensors[role] = torch.tensor(value)
+        elif role == "dora_scale":
+            continue  # checked against the model's weight when applied (apply_dora)
+        elif 0 in shape or not shape:
+            raise CheckpointError(f"{where}: its {role} ({key}) has shape {list(shape)}: no values to make a ΔW of")
+        else:
+            tensors[role] = torch.empty(shape, device="meta")
+    kind = m.kind or ""
+    if kind == "full" and "diff" not in tensors:
+        return  # a bias-only module (diff_b): added as it is
+    try:
+        natural = _natural_shape(kind, {r: tuple(t.shape) for r, t in tensors.items()})
+        module_delta(kind, tensors, natural, name=where)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, IndexError, KeyError) as e:
+        shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in tensors.items() if r not in _SCALARS)
+        raise CheckpointError(f"{where}: its {kind} factors do not fit together ({shapes})") from e
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _natural_shape(kind: str, s: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The element count a module's factors make, as a flat shape (the model's own shape is not
+    known here; :func:`module_delta` checks the count against it when applied)."""
+    if kind == "full":
+        return (_numel(s["diff"]),) if "diff" in s else (_numel(s["diff_b"]),)
+    up_or_a = {"lora": ("up", "down"), "loha": ("hada_w1_a", "hada_w1_b")}.get(kind)
+    if up_or_a is not None:
+        out_role, in_role = up_or_a
+        t_role = "mid" if kind == "lora" else "hada_t1"
+        if t_role in s:  # Tucker: out x in x kernel
+            out = s[out_role][0] if kind == "lora" else s[out_role][1]
+            inn = s[in_role][1] if kind == "lora" else s[in_role][1]
+            return (out * inn * _numel(s[t_role][2:]),)
+        return (s[out_role][0] * _numel(s[in_role][1:]),)
+    # LoKr: the Kronecker product's size is the product of its two factors' sizes
+    w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][-1])
+    if "lokr_w2" in s:
+        w2 = s["lokr_w2"]
+    elif "lokr_t2" in s:
+        w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+    else:
+        w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
+    return (_numel(w1) * _numel(w2),)
+
+
 def open_lora(path: str | os.PathLike[str]) -> LoraFile:
     """Open a LoRA file (safetensors, or a PyTorch pickle read without running code) and group its keys.
 
@@ -269,6 +344,7 @@ def open_lora(path: str | os.PathLike[str]) -> LoraFile:
             for role, key in m.keys.items():
                 if not reader.info(key).dtype.is_floating_point:
                     raise CheckpointError(f"{p}: {key}: the {role} of a LoRA module must be floating point")
+            _check_module(p, reader, m)
     except Exception:
         reader.close()
         raise

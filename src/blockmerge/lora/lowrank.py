@@ -13,9 +13,12 @@ exact (a sum of squares), and the kept energy is the sum of the r squared singul
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import CheckpointError
 
 __all__ = ["Factors", "low_rank"]
 
@@ -54,6 +57,8 @@ def low_rank(a: torch.Tensor, rank: int, *, name: str = "", exact: bool | None =
     m, n = a.shape
     k = max(0, min(rank, m, n))
     total = float(a.double().pow(2).sum())
+    if not math.isfinite(total):  # any inf/NaN makes the sum of squares so; an SVD would fail on it
+        raise CheckpointError(f"{name or 'a tensor'}: holds non-finite values (inf/NaN); it has no low-rank factors")
     if k == 0:
         return Factors(a.new_zeros(m, 0), a.new_zeros(0, n), 0.0, total, a.new_zeros(0))
     use_exact = exact if exact is not None else 4 * k >= min(m, n)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BlockmergeError
+from ..errors import BlockmergeError, CheckpointError
 from ..io import check_output_path
 from ..merge.presets import PresetBook, load_presets
 from .delta import _numel, match_modules, module_shape
@@ -59,6 +59,14 @@ def _check_no_dora(lora: LoraFile) -> None:
     if dora:
         raise BlockmergeError(f"{lora.path}: has {len(dora)} DoRA modules (e.g. {dora[0]}), whose change depends on "
                               "the model's weight; bake it into a checkpoint with `blockmerge lora apply` instead")
+
+
+def _require_finite(lora: LoraFile, m: LoraModule, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``ts`` unchanged, or an error naming the file and module if any holds inf/NaN (its factors
+    have no low-rank re-factoring, and a resized LoRA of them would draw black)."""
+    if not all(bool(torch.isfinite(t).all()) for t in ts):
+        raise CheckpointError(f"{lora.path}: module {m.name}: holds non-finite values (inf/NaN)")
+    return ts
 
 
 def _core_factors(up: torch.Tensor, down: torch.Tensor, rank: int | None, energy: float | None
@@ -148,10 +156,10 @@ def resize_lora(
             m, target = mt.module, mt.target
             shape = module_shape(lora, m) or target.shape
             if _plain(m):
-                up, down = _scaled_factors(lora, m)
+                up, down = _require_finite(lora, m, *_scaled_factors(lora, m))
                 nu, nd, kept, total = _core_factors(up, down, rank, keep_energy)
             else:
-                d = module_delta(m.kind or "", lora.tensors(m), shape, name=m.name).double()
+                d, = _require_finite(lora, m, module_delta(m.kind or "", lora.tensors(m), shape, name=m.name).double())
                 mat = d.reshape(d.shape[0], -1)
                 s = torch.linalg.svdvals(mat)
                 k = _keep(s, rank, keep_energy)
@@ -192,6 +200,9 @@ def merge_loras(
     for r, arg in ((rank, "--rank"), (conv_rank, "--conv-rank")):
         if r is not None and r < 1:
             raise BlockmergeError(f"{arg} {r}: must be at least 1")
+    if conv_rank is not None and rank is None:
+        raise BlockmergeError(f"--conv-rank {conv_rank}: only with --rank (without it the LoRAs are concatenated, "
+                              "every rank kept)")
     out = Path(output)
     check_output_path(out, [s.path for s in specs], overwrite)
     book = presets if presets is not None else load_presets()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..architectures import Architecture
 from ..errors import BlockmergeError, WeightSpecError
+from ..io.inputs import check_input_file
 from ..merge.presets import PresetBook
 from ..merge.weights import BlockWeights, parse_number, parse_weights
 
@@ -68,7 +69,10 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
     from ..models import find_bundled_lora
     from .library import find_lora
 
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise BlockmergeError(f"--lora-dir {lora_dir}: not a folder")
     parts = text.split(":")
+    odd: Path | None = None  # the longest prefix that exists but is no regular file (a folder, a FIFO)
     for i in range(len(parts), 0, -1):
         head = ":".join(parts[:i])
         path = Path(head)
@@ -76,12 +80,16 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
             found = find_lora(head, lora_dir) if lora_dir is not None and head else None
             found = found or find_bundled_lora(head)
             if found is None:
+                if odd is None and head and os.path.lexists(head):
+                    odd = path
                 continue
             path = found
         rest = parts[i:]
         strength = _strength(rest[0], f"{arg} {text!r}") if rest and rest[0] != "" else 1.0
         blocks = ":".join(rest[1:]) if len(rest) > 1 else None
         return LoraSpec(path, strength, strength, blocks or None, name=Path(head).stem)
+    if odd is not None:
+        check_input_file(odd, f"{arg} {odd}")  # says what it is instead ("is a folder, not a file" ...)
     where = f", no LoRA of that name in {lora_dir}" if lora_dir is not None else ""
     raise BlockmergeError(f"{arg} {text!r}: no such file{where} and no bundled LoRA of that name "
                           "(expected FILE[:STRENGTH[:BLOCKS]])")

@@ -12,7 +12,9 @@ import torch
 
 from .. import __version__
 from ..io import atomic_write, output_dtype
+from ..io.dtypes import dtype_name
 from ..io.safetensors_io import SafetensorsStreamWriter
+from ..merge.executor import NonFiniteError, all_finite
 
 __all__ = ["kohya_metadata", "write_lora"]
 
@@ -47,6 +49,9 @@ def write_lora(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]
     for k in sorted(tensors):
         t = tensors[k]
         ready[k] = t.to(torch.float32) if k.endswith(".alpha") else t.to(dt)
+        if ready[k].is_floating_point() and not all_finite(ready[k]):  # never a LoRA that draws black
+            raise NonFiniteError(f"{out}: {k} would hold non-finite values (inf/NaN) in {dtype_name(ready[k].dtype)}; "
+                                 "an input LoRA may hold them, or a weight be too large for the output dtype")
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in ready.items()]
     with atomic_write(out, overwrite=overwrite) as f:
         w = SafetensorsStreamWriter(f, entries, metadata)
