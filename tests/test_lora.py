@@ -1103,3 +1103,21 @@ def test_lora_arguments_that_name_nothing_usable_are_clear_errors(tmp_path, caps
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and must in lines[0], (argv, err)
         assert not out.exists(), argv
+
+
+def test_a_lora_with_non_finite_factors_in_a_prompt_is_named(tmp_path, capsys) -> None:
+    """``<lora:NAME:1>`` whose factors hold NaN: generate stops with one line naming the LoRA's file
+    (before: the sampler's "latents are not finite") and writes no image."""
+    import random
+
+    sd, _ = _corrupt(_outline_lora(), "nan factor", random.Random(3))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(sd, str(loras / "bad.safetensors"))
+    out = tmp_path / "gen"
+    code = main(["generate", "tiny-a", "--prompt", "a red circle <lora:bad:1>", "--lora-dir", str(loras),
+                 "-o", str(out), "--steps", "1", "--seed", "1", "-q"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "bad.safetensors" in lines[0] and "non-finite" in lines[0], err
+    assert not out.exists() or not any(out.rglob("*.png"))

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ..architectures.ldm_names import Slot
+from ..errors import CheckpointError
+from ..merge.executor import all_finite
 from ..merge.weights import BlockWeights
 from .weights_map import block_map, gather, pipeline_parameters, scatter
 
@@ -117,8 +119,13 @@ def loras_applied(loaded: Any, loras: Sequence[InPlaceLora]) -> Iterator[list[st
                                 saved[q] = params[q].detach().clone()
                         w = gather(mem, params, shapes.get(key))
                         a = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
-                        d = delta.get(key).to(a.dtype, copy=True)
-                        scatter(mem, d.mul_(alpha).add_(a), params)  # add_delta's kernel, as a file bake
+                        d = delta.get(key).to(a.dtype, copy=True).mul_(alpha).add_(a)  # add_delta's kernel
+                        # in the model's dtype (an fp16 model overflows where float32 does not); else the
+                        # sampler's "latents are not finite" would not say why
+                        if not all_finite(d if d.dtype == w.dtype else d.to(w.dtype)):
+                            raise CheckpointError(f"{lora.path}: {key}: the LoRA at {alpha:g} makes non-finite "
+                                                  "values (inf/NaN); its factors may hold them")
+                        scatter(mem, d, params)
         yield warnings
     finally:
         with torch.no_grad():
