@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..merge.declare import DELTA
 from ..merge.nodes import Info, Scratch
-from .formats import LoraFile, LoraModule, apply_dora, lora_factors, module_delta
+from .formats import LoraFile, LoraModule, _numel, apply_dora, factor_shape, lora_factors, module_delta
 from .names import NameTable, Target
 
 __all__ = ["LoraDelta", "Matched", "match_modules", "module_shape"]
@@ -30,40 +30,10 @@ class Matched:
     bias: bool = False  # the module's ``diff_b`` on the target's bias
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def module_shape(lora: LoraFile, m: LoraModule) -> tuple[int, ...] | None:
     """The shape of the weight a module's factors make, from the factors alone (None for a
     bias-only module). Convolutions come out 4-D where the factors say so, else flattened 2-D."""
-    s = {role: lora.shape(key) for role, key in m.keys.items()}
-    kind = m.kind
-    if kind == "lora":
-        up, down = s["up"], s["down"]
-        if "mid" in s:
-            return (up[0], down[1], *s["mid"][2:])
-        return (up[0], *down[1:]) if len(down) > 1 else (up[0], 1)
-    if kind == "loha":
-        a, b = s["hada_w1_a"], s["hada_w1_b"]
-        if "hada_t1" in s:
-            return (a[1], b[1], *s["hada_t1"][2:])
-        return (a[0], *b[1:])
-    if kind == "lokr":
-        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
-        if "lokr_w2" in s:
-            w2 = s["lokr_w2"]
-        elif "lokr_t2" in s:
-            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
-        else:
-            w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
-        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
-    if kind == "full":
-        return s.get("diff")
-    return None
+    return factor_shape(m.kind, {role: lora.shape(key) for role, key in m.keys.items()})
 
 
 def _delta_numel(lora: LoraFile, m: LoraModule) -> int | None:

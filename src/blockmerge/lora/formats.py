@@ -33,7 +33,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["LoraFile", "LoraModule", "apply_dora", "group_modules", "lora_factors", "module_delta", "open_lora"]
+__all__ = ["LoraFile", "LoraModule", "apply_dora", "factor_shape", "group_modules", "lora_factors", "module_delta",
+           "open_lora"]
 
 # Key suffix -> role. Longest suffixes are tried first (``lora_down.weight`` before ``weight``).
 _ROLES: dict[str, str] = {
@@ -281,8 +282,8 @@ def _check_module(path: Path, reader: object, m: LoraModule) -> None:
     if kind == "full" and "diff" not in tensors:
         return  # a bias-only module (diff_b): added as it is
     try:
-        natural = _natural_shape(kind, {r: tuple(t.shape) for r, t in tensors.items()})
-        module_delta(kind, tensors, natural, name=where)
+        natural = factor_shape(kind, {r: tuple(t.shape) for r, t in tensors.items()})
+        module_delta(kind, tensors, natural or (), name=where)
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, IndexError, KeyError) as e:
@@ -297,29 +298,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _natural_shape(kind: str, s: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The element count a module's factors make, as a flat shape (the model's own shape is not
-    known here; :func:`module_delta` checks the count against it when applied)."""
+def factor_shape(kind: str | None, s: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape of the weight a module's factors make, given the factors' shapes by role (None for
+    a bias-only module). Convolutions come out 4-D where the factors say so, else flattened 2-D."""
+    if kind == "lora":
+        up, down = s["up"], s["down"]
+        if "mid" in s:
+            return (up[0], down[1], *s["mid"][2:])
+        return (up[0], *down[1:]) if len(down) > 1 else (up[0], 1)
+    if kind == "loha":
+        a, b = s["hada_w1_a"], s["hada_w1_b"]
+        if "hada_t1" in s:
+            return (a[1], b[1], *s["hada_t1"][2:])
+        return (a[0], *b[1:])
+    if kind == "lokr":
+        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+        else:
+            w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
     if kind == "full":
-        return (_numel(s["diff"]),) if "diff" in s else (_numel(s["diff_b"]),)
-    up_or_a = {"lora": ("up", "down"), "loha": ("hada_w1_a", "hada_w1_b")}.get(kind)
-    if up_or_a is not None:
-        out_role, in_role = up_or_a
-        t_role = "mid" if kind == "lora" else "hada_t1"
-        if t_role in s:  # Tucker: out x in x kernel
-            out = s[out_role][0] if kind == "lora" else s[out_role][1]
-            inn = s[in_role][1] if kind == "lora" else s[in_role][1]
-            return (out * inn * _numel(s[t_role][2:]),)
-        return (s[out_role][0] * _numel(s[in_role][1:]),)
-    # LoKr: the Kronecker product's size is the product of its two factors' sizes
-    w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][-1])
-    if "lokr_w2" in s:
-        w2 = s["lokr_w2"]
-    elif "lokr_t2" in s:
-        w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
-    else:
-        w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
-    return (_numel(w1) * _numel(w2),)
+        return s.get("diff")
+    return None
 
 
 def open_lora(path: str | os.PathLike[str]) -> LoraFile:
