@@ -119,10 +119,11 @@ def loras_applied(loaded: Any, loras: Sequence[InPlaceLora]) -> Iterator[list[st
                                 saved[q] = params[q].detach().clone()
                         w = gather(mem, params, shapes.get(key))
                         a = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
-                        d = delta.get(key).to(a.dtype, copy=True).mul_(alpha).add_(a)  # add_delta's kernel
-                        # in the model's dtype (an fp16 model overflows where float32 does not); else the
-                        # sampler's "latents are not finite" would not say why
-                        if not all_finite(d if d.dtype == w.dtype else d.to(w.dtype)):
+                        # add_delta's kernel, cast once to the model's dtype, where the check belongs (an
+                        # fp16 model overflows where float32 does not); without it the sampler's "latents
+                        # are not finite" would not say why
+                        d = delta.get(key).to(a.dtype, copy=True).mul_(alpha).add_(a).to(w.dtype)
+                        if not all_finite(d):
                             raise CheckpointError(f"{lora.path}: {key}: the LoRA at {alpha:g} makes non-finite "
                                                   "values (inf/NaN); its factors may hold them")
                         scatter(mem, d, params)

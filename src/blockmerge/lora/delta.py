@@ -9,6 +9,7 @@ the same weight specs, elemental rules, streaming writer and metadata as any mer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 from ..errors import CheckpointError
 from ..merge.declare import DELTA
 from ..merge.nodes import Info, Scratch
-from .formats import LoraFile, LoraModule, _numel, apply_dora, factor_shape, lora_factors, module_delta
+from .formats import LoraFile, LoraModule, apply_dora, factor_shape, lora_factors, module_delta
 from .names import NameTable, Target
 
 __all__ = ["LoraDelta", "Matched", "match_modules", "module_shape"]
@@ -28,6 +29,9 @@ class Matched:
     module: LoraModule
     target: Target
     bias: bool = False  # the module's ``diff_b`` on the target's bias
+
+
+_numel = math.prod  # a shape's element count
 
 
 def module_shape(lora: LoraFile, m: LoraModule) -> tuple[int, ...] | None:

@@ -23,6 +23,7 @@ Everything is computed in float32 (float64 if a factor is float64).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -266,10 +267,10 @@ def _check_module(path: Path, reader: object, m: LoraModule) -> None:
     for role, key in m.keys.items():
         shape = tuple(info(key).shape)
         if role in _SCALARS:
-            if _numel(shape) != 1:
-                raise CheckpointError(f"{where}: its {role} holds {_numel(shape)} values, not one number")
+            if math.prod(shape) != 1:
+                raise CheckpointError(f"{where}: its {role} holds {math.prod(shape)} values, not one number")
             value = float(reader.get(key).reshape(-1)[0])  # type: ignore[attr-defined]
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 raise CheckpointError(f"{where}: its {role} is {value}, not a finite number")
             tensors[role] = torch.tensor(value)
         elif role == "dora_scale":
@@ -289,13 +290,6 @@ def _check_module(path: Path, reader: object, m: LoraModule) -> None:
     except (RuntimeError, ValueError, IndexError, KeyError) as e:
         shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in tensors.items() if r not in _SCALARS)
         raise CheckpointError(f"{where}: its {kind} factors do not fit together ({shapes})") from e
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def factor_shape(kind: str | None, s: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:

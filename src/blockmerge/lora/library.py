@@ -39,11 +39,17 @@ def _alias(path: Path) -> str:
     return alias.strip() if isinstance(alias, str) and alias.strip() else path.stem
 
 
-def list_loras(lora_dir: str | os.PathLike[str]) -> list[LoraEntry]:
-    """Every LoRA file under ``lora_dir`` (subfolders too), sorted by relative path."""
+def check_lora_dir(lora_dir: str | os.PathLike[str]) -> Path:
+    """``lora_dir`` as a path, or the error that it is no folder."""
     root = Path(lora_dir)
     if not root.is_dir():
         raise BlockmergeError(f"--lora-dir {root}: not a folder")
+    return root
+
+
+def list_loras(lora_dir: str | os.PathLike[str]) -> list[LoraEntry]:
+    """Every LoRA file under ``lora_dir`` (subfolders too), sorted by relative path."""
+    root = check_lora_dir(lora_dir)
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import BlockmergeError, CheckpointError
 from ..io import check_output_path
+from ..merge.executor import all_finite
 from ..merge.presets import PresetBook, load_presets
 from .delta import _numel, match_modules, module_shape
 from .formats import LoraFile, LoraModule, module_delta, open_lora
@@ -64,7 +65,7 @@ def _check_no_dora(lora: LoraFile) -> None:
 def _require_finite(lora: LoraFile, m: LoraModule, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``ts`` unchanged, or an error naming the file and module if any holds inf/NaN (its factors
     have no low-rank re-factoring, and a resized LoRA of them would draw black)."""
-    if not all(bool(torch.isfinite(t).all()) for t in ts):
+    if not all(all_finite(t) for t in ts):
         raise CheckpointError(f"{lora.path}: module {m.name}: holds non-finite values (inf/NaN)")
     return ts
 

@@ -67,10 +67,10 @@ def parse_lora_arg(text: str, lora_dir: str | os.PathLike[str] | None = None, ar
     BLOCKS may too, in elemental rules), or a LoRA name looked up in ``lora_dir``.
     """
     from ..models import find_bundled_lora
-    from .library import find_lora
+    from .library import check_lora_dir, find_lora
 
-    if lora_dir is not None and not Path(lora_dir).is_dir():
-        raise BlockmergeError(f"--lora-dir {lora_dir}: not a folder")
+    if lora_dir is not None:
+        check_lora_dir(lora_dir)
     parts = text.split(":")
     odd: Path | None = None  # the longest prefix that exists but is no regular file (a folder, a FIFO)
     for i in range(len(parts), 0, -1):
