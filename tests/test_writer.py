@@ -474,3 +474,57 @@ def test_the_workers_are_waited_for_even_through_a_second_interrupt() -> None:
     with pytest.raises(KeyboardInterrupt):
         _shutdown(ex)
     assert done.is_set() and Once.interrupted == 1 and queued.cancelled()
+
+
+def test_positional_writes_to_one_file_take_turns(tmp_path, monkeypatch) -> None:
+    """Threads writing other ranges of one output go through pwrite one at a time (the kernel would
+    serialize them anyway, with the waiter spinning on a core); every byte still lands."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockmerge.io import atomic
+
+    inside, overlap = [0], [False]
+    guard = threading.Lock()
+    real = atomic.pwrite_all
+
+    def slow(fd, data, offset):
+        with guard:
+            inside[0] += 1
+            overlap[0] |= inside[0] > 1
+        time.sleep(0.002)
+        try:
+            return real(fd, data, offset)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(atomic, "pwrite_all", slow)
+    out = tmp_path / "t.bin"
+    with atomic_write(out) as f:
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(lambda i: f.pwrite(bytes([i]) * 100, i * 100), range(40)))
+        f.seek(4000)
+    assert not overlap[0]
+    assert out.read_bytes() == b"".join(bytes([i]) * 100 for i in range(40))
+
+
+def test_after_a_failed_write_no_task_computes(tiny_sd1_paths) -> None:
+    """Once a write failed, a task that starts raises that failure before reading or computing."""
+    from blockmerge.merge import executor
+    from blockmerge.merge.nodes import FileSource
+
+    src = FileSource(tiny_sd1_paths[0])
+    try:
+        w = executor._Worker(src, torch.float16, 2)
+        key = sorted(src.keys())[0]
+        failure = OSError(28, "No space left on device")
+        w._failure = failure
+        reads = []
+        src.get = lambda k: reads.append(k)  # type: ignore[method-assign]
+        with pytest.raises(OSError) as e:
+            w.run(executor._Task(key, 0, 1, True, True))
+        assert e.value is failure and reads == []
+    finally:
+        src.close()
